@@ -1,0 +1,138 @@
+"""From a pure loss function to a train step, and from a train step to a compiled, sharded call.
+
+The contract: a paper writes `loss_fn(params, batch, rng) -> (loss, metrics)` with its model's graphdef
+closed over, and gets `update_fn(state, batch) -> (state, metrics)` from `make_update_fn`. A paper that
+needs something else (GANs alternate D and G updates) writes its own `update_fn` of the same signature;
+`compile_train_step` then adds multi-step fusion, sharding and donation for either.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gen_jax.train.state import TrainState, ema_update
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
+UpdateFn = Callable[[TrainState, Any], tuple[TrainState, dict]]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str):
+    if name not in DTYPES:
+        from gen_jax.errors import ConfigError
+        raise ConfigError(f"unknown compute dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """Cast the floating leaves of a pytree (the precision policy's compute cast)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, grad_clip_norm: float | None = None,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam(W) with optional linear warmup and global-norm clipping (the DDPM paper's recipe)."""
+    schedule = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0
+                else learning_rate)
+    if warmup_steps > 0:
+        schedule = optax.join_schedules([schedule, optax.constant_schedule(learning_rate)], [warmup_steps])
+    opt = (optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay) if weight_decay
+           else optax.adam(schedule, b1=b1, b2=b2, eps=eps))
+    if grad_clip_norm:
+        opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
+    return opt
+
+
+def _split_microbatches(batch: Any, n: int) -> Any:
+    """[B, ...] -> [n, B/n, ...], taking every n-th row so each device keeps its own rows."""
+    def split(x):
+        if x.shape[0] % n:
+            from gen_jax.errors import ShapeError
+            raise ShapeError(f"batch of {x.shape[0]} rows is not divisible into {n} gradient-accumulation "
+                             "micro-batches; change train.batch_size or train.grad_accum_steps")
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_update_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                   ema_decay: float | None = None, grad_accum_steps: int = 1,
+                   compute_dtype: str = "float32") -> UpdateFn:
+    """Turn `loss_fn` into `update_fn(state, batch) -> (state, metrics)`.
+
+    - The precision policy: params stay float32; the loss sees them cast to `compute_dtype`, so gradients
+      arrive in float32 through the cast.
+    - With `grad_accum_steps > 1` the batch is split into micro-batches whose gradients are averaged in a
+      `lax.scan` (memory of one micro-batch, result of the whole batch).
+    - A step whose loss or gradients are not finite changes nothing: the state stays the last good one and
+      `metrics["finite"]` is 0, which the loop turns into a `NonFiniteLossError`.
+    """
+    dtype = resolve_dtype(compute_dtype)
+
+    def loss_for_grad(params, batch, rng):
+        loss, metrics = loss_fn(cast_floating(params, dtype) if dtype != jnp.float32 else params, batch, rng)
+        return loss.astype(jnp.float32), metrics
+
+    grad_fn = jax.value_and_grad(loss_for_grad, has_aux=True)
+
+    def update_fn(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        rng = state.step_rng()
+        if grad_accum_steps == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = _split_microbatches(batch, grad_accum_steps)
+
+            def body(carry, xs):
+                i, mb = xs
+                (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (l, m, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)))
+            zeros = (zeros[0][0], zeros[0][1], zeros[1])
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+            loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, metrics, grads))
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None and ema_decay is not None:
+            ema = ema_update(ema, params, ema_decay)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        # Keep the last good state on a bad step (the step counter still advances to report where).
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+        return new, metrics
+
+    return update_fn
+
+
+def fuse_steps(update_fn: UpdateFn) -> Callable[[TrainState, tuple], tuple[TrainState, dict]]:
+    """Run several train steps in one compiled call: batches is a tuple of per-step batches.
+
+    Metrics are averaged over the fused steps, except `finite`, which is their minimum.
+    """
+    def multi_step(state, batches):
+        if len(batches) == 1:
+            return update_fn(state, batches[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+        state, metrics = jax.lax.scan(update_fn, state, stacked)
+        finite = metrics.pop("finite").min()
+        metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+        return state, {**metrics, "finite": finite}
+    return multi_step
+
+
+def compile_train_step(update_fn: UpdateFn, state_sharding: Any, batch_sharding: Any,
+                       steps_per_call: int = 1, donate: bool = True):
+    """`jax.jit` of the fused step with explicit shardings: state replicated, batches split on axis 0."""
+    metrics_sharding = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(fuse_steps(update_fn),
+                   in_shardings=(state_sharding, (batch_sharding,) * steps_per_call),
+                   out_shardings=(state_sharding, metrics_sharding),
+                   donate_argnums=(0,) if donate else ())
