@@ -1,0 +1,1 @@
+"""Thin launchers, one per paper: `python -m experiments.<paper> --help`."""
