@@ -1,0 +1,309 @@
+"""RoFormer encoder (Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding",
+arXiv 2104.09864) in Flax NNX, numerically equal to HF transformers' `RoFormerModel` /
+`RoFormerForMaskedLM` and to the bert4keras models behind RoFormer-Sim.
+
+BERT without absolute position embeddings: token + segment embeddings -> LayerNorm (-> optional projection
+when embedding_size != hidden_size), then post-LN blocks whose self-attention rotates q and k (eq. 13-15:
+interleaved pairs (2i, 2i+1) turned by m * theta_i, theta_i = 10000^(-2i/d)), exact-erf GELU feed-forward.
+Heads: a Dense pooler on [CLS] (linear in RoFormer-Sim, tanh in plain BERT) and an MLM head
+(Dense + GELU + LayerNorm, then the tied word embeddings plus a bias).
+
+Masks: padding masks and an optional [B, T, T] mask; `unilm_mask` builds the UniLM seq2seq mask
+(Dong et al. 2019) from segment ids. Incremental decoding keeps a fixed-size per-layer K/V cache (keys
+stored already rotated, so every new token only needs its own RoPE position).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gen_jax.errors import ConfigError, ShapeError
+from gen_jax.nn.rope import apply_rope
+
+_NEG = -1e30  # finite, so a fully masked row gives a uniform softmax rather than NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class RoFormerConfig:
+    """Sizes and numerics of a RoFormer. Defaults: RoFormer-Sim base (chinese_roformer-sim-char)."""
+    vocab_size: int = 12000
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    embedding_size: int | None = None  # None: same as hidden_size (no projection)
+    type_vocab_size: int = 2
+    max_positions: int = 512  # only bounds the KV cache defaults; RoPE itself has no table
+    layer_norm_eps: float = 1e-12  # HF: 1e-12; bert4keras checkpoints were trained with 1e-7
+    rotary_value: bool = False  # HF option: also rotate the values
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    pooler: str | None = "linear"  # "linear" (RoFormer-Sim), "tanh" (BERT) or None (no pooler)
+    with_mlm: bool = True
+    initializer_range: float = 0.02
+    compute_dtype: str = "float32"  # "bfloat16" computes in bf16; params stay float32
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                              "pick sizes with hidden_size = num_heads * head_dim")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"head_dim {self.hidden_size // self.num_heads} is odd; RoPE rotates pairs, "
+                              "so hidden_size / num_heads must be even")
+        if self.pooler not in ("linear", "tanh", None):
+            raise ConfigError(f"pooler must be 'linear', 'tanh' or None, got {self.pooler!r}")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def emb_size(self) -> int:
+        return self.embedding_size or self.hidden_size
+
+
+PRESETS: dict[str, RoFormerConfig] = {
+    # chinese_roformer-sim-char(-ft)_L-12_H-768_A-12
+    "base": RoFormerConfig(),
+    # chinese_roformer-sim-char(-ft)_L-6_H-384_A-6
+    "small": RoFormerConfig(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536),
+    # for tests and CPU smoke runs
+    "tiny": RoFormerConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                           max_positions=64),
+}
+
+
+class RoFormerOutput(NamedTuple):
+    hidden_BxTxD: jax.Array
+    pooled_BxD: jax.Array | None
+    cache: dict | None
+
+
+def unilm_mask(segment_ids_BxT: jax.Array, padding_mask_BxT: jax.Array | None = None) -> jax.Array:
+    """UniLM seq2seq mask [B, T, T]: query i may attend key j iff cumsum(seg)[j] <= cumsum(seg)[i].
+
+    Segment 0 (the source) attends itself bidirectionally and never the target; target tokens (segment 1)
+    attend the whole source and the target causally. Padding keys (padding_mask False) are excluded.
+    """
+    if segment_ids_BxT.ndim != 2:
+        raise ShapeError(f"unilm_mask wants segment ids [B, T], got shape {segment_ids_BxT.shape}")
+    idx_BxT = jnp.cumsum(segment_ids_BxT, axis=1)
+    mask_BxTxT = idx_BxT[:, None, :] <= idx_BxT[:, :, None]
+    if padding_mask_BxT is not None:
+        mask_BxTxT = mask_BxTxT & padding_mask_BxT[:, None, :].astype(bool)
+    return mask_BxTxT
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class _RngStream:
+    """Hands out distinct dropout keys (or None when deterministic) without module state."""
+
+    def __init__(self, rng: jax.Array | None):
+        self.rng, self.count = rng, 0
+
+    def __call__(self) -> jax.Array | None:
+        if self.rng is None:
+            return None
+        self.count += 1
+        return jax.random.fold_in(self.rng, self.count)
+
+
+def _dense(din: int, dout: int, cfg: RoFormerConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=_dtype(cfg), param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.truncated_normal(cfg.initializer_range), rngs=rngs)
+
+
+def _norm(dim: int, cfg: RoFormerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=cfg.layer_norm_eps, dtype=_dtype(cfg), param_dtype=jnp.float32,
+                         use_fast_variance=False, rngs=rngs)
+
+
+def _dtype(cfg: RoFormerConfig):
+    # float32 config -> dtype None: compute in the dtype the params arrive in (the training core may cast
+    # them to bf16); otherwise force the configured compute dtype.
+    return None if cfg.compute_dtype == "float32" else jnp.dtype(cfg.compute_dtype)
+
+
+class RoFormerLayer(nnx.Module):
+    """Post-LN block: x = LN(x + Attn(x)); x = LN(x + W2 gelu(W1 x))."""
+
+    def __init__(self, cfg: RoFormerConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.cfg = cfg
+        self.query = _dense(d, d, cfg, rngs)
+        self.key = _dense(d, d, cfg, rngs)
+        self.value = _dense(d, d, cfg, rngs)
+        self.attn_out = _dense(d, d, cfg, rngs)
+        self.attn_norm = _norm(d, cfg, rngs)
+        self.ffn_in = _dense(d, cfg.intermediate_size, cfg, rngs)
+        self.ffn_out = _dense(cfg.intermediate_size, d, cfg, rngs)
+        self.ffn_norm = _norm(d, cfg, rngs)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index, rng: _RngStream):
+        cfg = self.cfg
+        B, T, _ = x_BxTxD.shape
+        split = lambda y: y.reshape(B, T, cfg.num_heads, cfg.head_dim)
+        pos_BxTx1 = positions_BxT[:, :, None]  # broadcast over heads of [B, T, N, H]
+        q_BxTxNxH = apply_rope(split(self.query(x_BxTxD)), pos_BxTx1)
+        k_BxTxNxH = apply_rope(split(self.key(x_BxTxD)), pos_BxTx1)
+        v_BxTxNxH = split(self.value(x_BxTxD))
+        if cfg.rotary_value:
+            v_BxTxNxH = apply_rope(v_BxTxNxH, pos_BxTx1)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            k_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxNxH.astype(k_cache.dtype),
+                                                            cache_index, axis=1)
+            v_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxNxH.astype(v_cache.dtype),
+                                                            cache_index, axis=1)
+            new_cache = (k_BxSxNxH, v_BxSxNxH)
+        else:
+            k_BxSxNxH, v_BxSxNxH, new_cache = k_BxTxNxH, v_BxTxNxH, None
+        scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH.astype(q_BxTxNxH.dtype),
+                                    preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+        scores_BxNxTxS = jnp.where(mask_BxTxS[:, None], scores_BxNxTxS, _NEG)
+        probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1)
+        probs_BxNxTxS = _dropout(probs_BxNxTxS, cfg.attention_dropout_rate, rng())
+        ctx_BxTxNxH = jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+        attn_BxTxD = self.attn_out(ctx_BxTxNxH.reshape(B, T, cfg.hidden_size))
+        x_BxTxD = self.attn_norm(x_BxTxD + _dropout(attn_BxTxD, cfg.dropout_rate, rng()))
+        h_BxTxF = jax.nn.gelu(self.ffn_in(x_BxTxD), approximate=False)
+        y_BxTxD = _dropout(self.ffn_out(h_BxTxF), cfg.dropout_rate, rng())
+        return self.ffn_norm(x_BxTxD + y_BxTxD), new_cache
+
+
+class RoFormer(nnx.Module):
+    """RoFormer encoder with optional pooler and MLM head.
+
+    Call: `model(token_ids_BxT, segment_ids_BxT, padding_mask_BxT=..., attention_mask_BxTxT=...)` ->
+    `RoFormerOutput(hidden_BxTxD, pooled_BxD, cache)`; `model.mlm_logits(hidden)` -> [B, T, V] float32.
+    """
+
+    def __init__(self, config: RoFormerConfig, *, rngs: nnx.Rngs):
+        cfg = self.config = config
+        init = nnx.initializers.truncated_normal(cfg.initializer_range)
+        self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.emb_size, dtype=_dtype(cfg), param_dtype=jnp.float32,
+                                         embedding_init=init, rngs=rngs)
+        self.segment_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.emb_size, dtype=_dtype(cfg),
+                                            param_dtype=jnp.float32, embedding_init=init, rngs=rngs)
+        self.embed_norm = _norm(cfg.emb_size, cfg, rngs)
+        self.embed_project = (_dense(cfg.emb_size, cfg.hidden_size, cfg, rngs)
+                              if cfg.emb_size != cfg.hidden_size else None)
+        self.layers = nnx.List([RoFormerLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.pooler = _dense(cfg.hidden_size, cfg.hidden_size, cfg, rngs) if cfg.pooler else None
+        if cfg.with_mlm:
+            self.mlm_dense = _dense(cfg.hidden_size, cfg.emb_size, cfg, rngs)
+            self.mlm_norm = _norm(cfg.emb_size, cfg, rngs)
+            self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
+        else:
+            self.mlm_dense = self.mlm_norm = self.mlm_bias = None
+
+    def init_cache(self, batch_size: int, max_len: int | None = None, dtype: Any = None) -> dict:
+        """Empty KV cache: per layer K and V [B, S, N, H] plus `valid` [B, S] (which slots hold real keys)."""
+        cfg = self.config
+        S = max_len or cfg.max_positions
+        dtype = dtype or (_dtype(cfg) or jnp.float32)
+        shape = (cfg.num_layers, batch_size, S, cfg.num_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "valid": jnp.zeros((batch_size, S), bool)}
+
+    def __call__(self, token_ids_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None, *,
+                 padding_mask_BxT: jax.Array | None = None, attention_mask_BxTxT: jax.Array | None = None,
+                 positions_BxT: jax.Array | None = None, cache: dict | None = None,
+                 cache_index: jax.Array | int = 0, dropout_rng: jax.Array | None = None) -> RoFormerOutput:
+        """Encode tokens.
+
+        Without a cache: attention is masked by `attention_mask_BxTxT` (True = may attend; e.g. `unilm_mask`)
+        and/or `padding_mask_BxT` (False keys are ignored). Positions default to 0..T-1.
+        With a cache (see `init_cache`): the T new tokens are written into slots [cache_index, cache_index+T)
+        and attend every valid slot of the cache up to their own (causally among the new ones), or, when
+        `attention_mask_BxTxT` is given, the [B, T, S] mask over all S cache slots. Positions then default to
+        cache_index + 0..T-1 and should be passed when rows have different prompt lengths.
+        `dropout_rng=None` is deterministic (evaluation).
+        """
+        cfg = self.config
+        if token_ids_BxT.ndim != 2:
+            raise ShapeError(f"token ids must be [B, T], got shape {token_ids_BxT.shape}")
+        B, T = token_ids_BxT.shape
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.zeros_like(token_ids_BxT)
+        if segment_ids_BxT.shape != (B, T):
+            raise ShapeError(f"segment ids {segment_ids_BxT.shape} must match token ids {(B, T)}")
+        rng = _RngStream(dropout_rng)
+
+        x = self.word_embeddings(token_ids_BxT) + self.segment_embeddings(segment_ids_BxT)
+        x = _dropout(self.embed_norm(x), cfg.dropout_rate, rng())
+        if self.embed_project is not None:
+            x = self.embed_project(x)
+
+        if cache is None:
+            if positions_BxT is None:
+                positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+            mask = jnp.ones((B, T, T), bool) if attention_mask_BxTxT is None else attention_mask_BxTxT.astype(bool)
+            if padding_mask_BxT is not None:
+                mask = mask & padding_mask_BxT[:, None, :].astype(bool)
+            if mask.shape != (B, T, T):
+                raise ShapeError(f"attention mask {mask.shape} must be [B, T, T] = {(B, T, T)}")
+        else:
+            S = cache["k"].shape[2]
+            if positions_BxT is None:
+                positions_BxT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
+            new_valid = jnp.ones((B, T), bool) if padding_mask_BxT is None else padding_mask_BxT.astype(bool)
+            valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache["valid"], new_valid, cache_index, axis=1)
+            if attention_mask_BxTxT is None:
+                slot_S = jnp.arange(S)
+                causal_TxS = slot_S[None, :] <= (cache_index + jnp.arange(T))[:, None]
+                mask = causal_TxS[None] & valid_BxS[:, None, :]
+            else:
+                mask = attention_mask_BxTxT.astype(bool) & valid_BxS[:, None, :]
+            if mask.shape != (B, T, S):
+                raise ShapeError(f"attention mask {mask.shape} must be [B, T, S] = {(B, T, S)} with a cache")
+
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, kv = layer(x, positions_BxT, mask, kv, cache_index, rng)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "valid": valid_BxS}
+        return RoFormerOutput(x, self.pool(x) if self.pooler is not None else None, new_cache)
+
+    def pool(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """Pooler on the [CLS] (first) token: Dense, then linear or tanh."""
+        if self.pooler is None:
+            raise ConfigError("this RoFormer has no pooler; build it with RoFormerConfig(pooler='linear')")
+        y = self.pooler(hidden_BxTxD[:, 0])
+        return jnp.tanh(y) if self.config.pooler == "tanh" else y
+
+    def mlm_logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """MLM head: LN(gelu(Dense(h))) @ word_embeddings^T + bias, float32 logits [B, T, V]."""
+        if self.mlm_dense is None:
+            raise ConfigError("this RoFormer has no MLM head; build it with RoFormerConfig(with_mlm=True)")
+        h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(hidden_BxTxD), approximate=False))
+        emb_VxE = self.word_embeddings.embedding[...]
+        logits = jnp.einsum("...e,ve->...v", h, emb_VxE.astype(h.dtype), preferred_element_type=jnp.float32)
+        return logits + self.mlm_bias[...].astype(jnp.float32)
+
+
+def build(config: RoFormerConfig | str = "base", seed: int = 0, **overrides) -> RoFormer:
+    """A randomly initialised RoFormer from a config or preset name, with field overrides."""
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ConfigError(f"unknown RoFormer preset {config!r}; choose one of {sorted(PRESETS)}")
+        config = PRESETS[config]
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    return RoFormer(config, rngs=nnx.Rngs(seed))
