@@ -24,7 +24,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    ch: int = 32
+    ch: int = 16
     ch_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
     attn_resolutions: tuple[int, ...] = (7,)
@@ -43,13 +43,13 @@ class DiffusionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    sample_every: int = 1000  # DDIM grid of the EMA model every this many steps (0: only at the end)
+    sample_every: int = 500  # DDIM grid of the EMA model every this many steps (0: only at the end)
     grid_size: int = 64
     ddim_steps: int = 50
     ddim_eta: float = 0.0
     ancestral_grid: bool = True  # a 1000-step ancestral grid at the end
-    fid_samples: int = 1000  # DDIM samples for FID at the end (0: skip)
-    sample_batch: int = 250
+    fid_samples: int = 500  # DDIM samples for FID at the end (0: skip)
+    sample_batch: int = 256
     bpd_examples: int = 200  # test images for bits/dim (0: skip)
     bpd_timesteps: int = 100  # strided subset of t for the bound (unbiased estimate); 0: all T terms
 
@@ -59,7 +59,7 @@ class DDPMConfig:
     data: DataConfig = DataConfig()
     model: UNetConfig = UNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
-    train: TrainConfig = TrainConfig(num_steps=3000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
+    train: TrainConfig = TrainConfig(num_steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100,
                                      grad_clip_norm=1.0, ema_decay=0.995, log_every=100,
                                      checkpoint_every=500)
     eval: EvalConfig = EvalConfig()
@@ -79,7 +79,7 @@ class DDPMConfig:
 
 
 def mnist() -> DDPMConfig:
-    """Offline MNIST, ~1M-param U-Net; ~10 min on 2 CPU cores; recognizable digits, FID and bits/dim."""
+    """Offline MNIST, a 280k-parameter U-Net, 2000 steps of 32; ~10 min on 2 CPU cores (README has numbers)."""
     return DDPMConfig()
 
 
