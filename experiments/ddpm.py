@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
                             value_range=(0, 255))
 
     hooks = [Hook(cfg.eval.sample_every or tc.num_steps, write_grid, name="samples")]
-    result = train(workdir=run.workdir, state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
+    result = train(**run.train_kwargs(), state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
                    mesh=mesh, steps_per_call=tc.steps_per_call, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, hooks=hooks,
                    batch_size=tc.batch_size, desc="ddpm")
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
                    examples_per_sec=round(result.steps_per_second * tc.batch_size, 1),
                    train_seconds=round(result.train_seconds, 1), params=num_params(params))
     plot_curves(run)
-    run.write_json("results.json", results)
+    run.write_json("results.json", results)  # summarize() below mirrors a remote workdir
     summarize(run, {
         "steps": f"{result.final_step} ({results['steps_per_sec']} steps/s, {results['examples_per_sec']} img/s)",
         "FID (DDIM, EMA)": _fmt_fid(results),
@@ -148,7 +148,7 @@ def evaluate(run, cfg: DDPMConfig, graphdef, schedule, params, train_images: np.
 
 
 def plot_curves(run) -> None:
-    path = os.path.join(run.workdir, "metrics.jsonl")
+    path = run.path("metrics.jsonl")
     if not run.is_main or not os.path.exists(path):
         return
     rows = [json.loads(line) for line in open(path) if line.strip()]

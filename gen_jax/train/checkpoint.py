@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from gen_jax.errors import CheckpointError
 
@@ -24,7 +25,7 @@ class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with items `state`, `data` and `meta`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
@@ -83,13 +84,12 @@ class Checkpointer:
         log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); moving it aside",
                     step, self.directory, type(err).__name__, str(err).splitlines()[0][:300])
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            dst = f"{src}.corrupt"
-            n = 1
-            while os.path.exists(dst):
-                dst, n = f"{src}.corrupt{n}", n + 1
-            if os.path.exists(src):
-                os.replace(src, dst)
+            src = epath.Path(self.directory) / str(step)
+            dst, n = epath.Path(f"{src}.corrupt"), 1
+            while dst.exists():
+                dst, n = epath.Path(f"{src}.corrupt{n}"), n + 1
+            if src.exists():
+                src.rename(dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"gen_jax_quarantine_{step}")

@@ -93,11 +93,15 @@ def train(*, workdir: str, state: TrainState, update_fn: UpdateFn, data: DataIte
           mesh: jax.sharding.Mesh | None = None, steps_per_call: int = 1, log_every: int = 50,
           checkpoint_every: int = 500, keep_checkpoints: int = 3, hooks: tuple[Hook, ...] | list = (),
           batch_size: int | None = None, config: Mapping | None = None, async_checkpoint: bool = True,
-          desc: str = "train", echo_metrics: bool = True) -> TrainResult:
+          desc: str = "train", echo_metrics: bool = True, checkpoint_dir: str | None = None,
+          after_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
     """Train `state` with `update_fn` on batches from `data` up to `num_steps`; resume if `workdir` has a run.
 
     `data` yields batches already laid out on the mesh (e.g. `gen_jax.data.BatchIterator` with
     `sharding=batch_sharded(mesh)`) and reports/restores its position through `get_state`/`set_state`.
+    Metrics go to the local `workdir`; checkpoints to `checkpoint_dir` (default `<workdir>/checkpoints`),
+    which may be a `gs://` path (`gen_jax.train.launch.Run` stages a remote workdir this way and mirrors
+    the local files there from `after_checkpoint`).
     """
     mesh = mesh or make_mesh()
     state_sharding, batch_sharding = replicated(mesh), batch_sharded(mesh)
@@ -107,7 +111,7 @@ def train(*, workdir: str, state: TrainState, update_fn: UpdateFn, data: DataIte
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config, f, indent=2, default=str)
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
+    checkpointer = Checkpointer(checkpoint_dir or os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
                                 async_save=async_checkpoint)
     # A private copy: the compiled step donates its input, and the caller's arrays (often shared with
     # their NNX model) must survive.
@@ -143,6 +147,9 @@ def train(*, workdir: str, state: TrainState, update_fn: UpdateFn, data: DataIte
             return
         checkpointer.save(at_step, state, data.get_state(), {"step": at_step, "num_steps": num_steps})
         last_saved = at_step
+        writer.flush()
+        if after_checkpoint is not None:
+            after_checkpoint(at_step)
 
     def process(item) -> None:
         """Fetch one call's metrics (a call late), stop on non-finite values, log on schedule."""
