@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import textwrap
 import types
 import typing
 from typing import Any, Callable, Mapping, Sequence
@@ -165,8 +166,9 @@ def build_parser(presets: Mapping[str, Callable[[], Any]], *, prog: str, descrip
                  default_preset: str) -> argparse.ArgumentParser:
     lines = [description, "", "presets:"]
     for name, factory in presets.items():
-        doc = (factory.__doc__ or "").strip().splitlines()
-        lines.append(f"  {name:<12} {doc[0] if doc else ''}")
+        paragraph = " ".join((factory.__doc__ or "").strip().split("\n\n")[0].split())
+        wrapped = textwrap.wrap(paragraph, 100, initial_indent=f"  {name:<12} ", subsequent_indent=" " * 15)
+        lines.extend(wrapped or [f"  {name}"])
     lines += ["", f"settings of the default preset ({default_preset}); change any with --set key=value:",
               describe(presets[default_preset]())]
     parser = argparse.ArgumentParser(prog=prog, description="\n".join(lines),
