@@ -68,6 +68,13 @@ class CharTokenizer:
         enc = self._tok.encode(text, text_pair) if text_pair is not None else self._tok.encode(text)
         return list(enc.ids), list(enc.type_ids)
 
+    def tokenize_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """For each text: token ids (no specials, no truncation) and each token's (start, end) char span in
+        that text. One call of the library's batch encoder for all texts (fast data preparation)."""
+        self._tok.no_truncation()
+        return [(list(e.ids), list(e.offsets))
+                for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, maxlen: int,
                      pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Padded int32 arrays `token_ids`, `segment_ids` and bool `padding_mask` [N, pad_to or longest row]."""
