@@ -43,6 +43,18 @@ class TrainConfig:
     prefetch: int = 2
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageDataConfig:
+    """Which images a paper trains on (`gen_jax.data.load_images`) and at what size."""
+
+    source: str = "mnist"  # "mnist" (offline) or "tfds:<name>" (e.g. tfds:cifar10)
+    data_dir: str | None = None  # tensorflow-datasets data_dir for prepared data
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: int = 28
+    channels: int = 1
+
+
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

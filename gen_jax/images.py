@@ -74,20 +74,8 @@ def image_grid(images: np.ndarray, *, nrow: int | None = None, padding: int = 2,
 
 
 def _atomic_save(path: str, image: Image.Image) -> str:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    from gen_jax.data.assets import atomic_write
+    return os.fspath(atomic_write(path, lambda tmp: image.save(tmp, format="PNG")))
 
 
 def save_image_grid(path: str, images: np.ndarray, *, nrow: int | None = None, padding: int = 2,

@@ -8,18 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from gen_jax.config import TrainConfig
+from gen_jax.config import ImageDataConfig as DataConfig, TrainConfig
 from gen_jax.errors import ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    source: str = "mnist"  # "mnist" (offline) or "tfds:<name>" (e.g. tfds:cifar10)
-    data_dir: str | None = None  # tensorflow-datasets data_dir for prepared data
-    train_split: str = "train"
-    eval_split: str = "test"
-    image_size: int = 28
-    channels: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,23 +14,13 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from gen_jax.config import TrainConfig
+from gen_jax.config import ImageDataConfig as DataConfig, TrainConfig
 from gen_jax.errors import ConfigError
 
 METHODS = ("gn", "gran", "wgan_gp", "sn", "none")
 # The loss each method uses when gan.loss="auto": GN/GraN/SN with hinge (GN-GAN's ResNet setting; its CNN
 # setting uses BCE), WGAN-GP with the WGAN critic loss, an unnormalized D with non-saturating BCE.
 DEFAULT_LOSS = {"gn": "hinge", "gran": "hinge", "sn": "hinge", "wgan_gp": "wgan", "none": "bce"}
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    source: str = "mnist"  # "mnist" (offline) or "tfds:<name>" (e.g. tfds:cifar10)
-    data_dir: str | None = None  # tensorflow-datasets data_dir for prepared data
-    train_split: str = "train"
-    eval_split: str = "test"
-    image_size: int = 28
-    channels: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
