@@ -1,0 +1,84 @@
+"""benchmarks/ddpm_speed.py: the peer U-Nets it times are built with our layout (parameter counts equal,
+checked against diffusers itself), and the smallest end-to-end run produces a report and JSON."""
+import functools
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `benchmarks`
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from flax import nnx  # noqa: E402
+
+from benchmarks import ddpm_speed  # noqa: E402
+from gen_jax.ddpm import count_params  # noqa: E402
+from gen_jax.ddpm.training import build_unet  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _ours_params(name: str) -> int:
+    cfg = ddpm_speed.bench_config(name)
+    return count_params(nnx.eval_shape(lambda: build_unet(cfg, nnx.Rngs(0))))
+
+
+def _diffusers_params(cfg) -> int:
+    with torch.device("meta"):  # shapes only, no 35M-parameter initialisation
+        model = diffusers.UNet2DModel(**ddpm_speed.diffusers_unet_kwargs(cfg))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["tiny", "mnist", "cifar10"])
+def test_diffusers_peer_has_exactly_our_parameter_count(name):
+    cfg = ddpm_speed.bench_config(name)
+    assert _diffusers_params(cfg) == _ours_params(name)
+
+
+def test_cifar10_peer_is_the_published_ddpm_cifar10_layout():
+    # google/ddpm-cifar10-32's UNet2DModel config (the paper's model ported by diffusers) and the paper's 35.7M.
+    kw = ddpm_speed.diffusers_unet_kwargs(ddpm_speed.bench_config("cifar10"))
+    assert kw["block_out_channels"] == (128, 256, 256, 256) and kw["layers_per_block"] == 2
+    assert kw["down_block_types"] == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+    assert kw["up_block_types"] == ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    assert (kw["downsample_padding"], kw["freq_shift"], kw["flip_sin_to_cos"], kw["norm_eps"]) == (0, 1, False, 1e-6)
+    assert _ours_params("cifar10") == 35_746_307
+
+
+def test_benchmark_config_computes_in_float32_without_warmup():
+    cfg = ddpm_speed.bench_config("cifar10")  # the preset itself is bfloat16 with 5000 warmup steps
+    assert cfg.train.compute_dtype == "float32" and cfg.train.warmup_steps == 0
+
+
+def test_lucidrains_import_reports_and_leaves_no_stubs_behind():
+    unet_cls, note = ddpm_speed.import_lucidrains_unet()
+    assert isinstance(note, str) and note
+    for name in ("torchvision", "accelerate", "ema_pytorch"):  # a stub has no __file__; the real ones do
+        mod = sys.modules.get(name)
+        assert mod is None or getattr(mod, "__file__", None), f"stub {name!r} left in sys.modules"
+    if unet_cls is not None:  # it must build at our MNIST config and map an image batch to its own shape
+        model = unet_cls(**ddpm_speed.lucidrains_unet_kwargs(ddpm_speed.bench_config("tiny")))
+        x = torch.zeros(2, 1, 28, 28)
+        with torch.no_grad():
+            assert model(x, torch.tensor([0, 5])).shape == x.shape
+
+
+@pytest.mark.slow
+def test_smallest_run_writes_a_table_and_json(tmp_path, capsys):
+    out = tmp_path / "ddpm_speed.json"
+    res = ddpm_speed.main(["--configs", "tiny", "--sample-config", "tiny", "--tiny", "--no-lucidrains",
+                           "--json", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert "| config |" in printed and "EXTRAPOLATED" in printed
+    saved = json.loads(out.read_text())
+    row = saved["train"][0]
+    assert row["ours"]["params"] == row["diffusers"]["params"]
+    assert row["ratio_diffusers"] == pytest.approx(row["ours"]["images_per_s"] / row["diffusers"]["images_per_s"])
+    assert row["ours"]["flops_per_step"] > 0 and 0 < saved["roofline"]["rows"][0]["ours_fraction"]
+    assert [s["method"] for s in saved["sampling"]] == ["ancestral", "ddim"]
+    tiny = ddpm_speed.bench_config("tiny")
+    full = {s["method"]: (s["ours"]["timed_steps"], s["ours"]["full_steps"]) for s in saved["sampling"]}
+    assert full == {"ancestral": (2, tiny.diffusion.timesteps), "ddim": (2, tiny.eval.ddim_steps)}
+    assert res["machine"]["usable_cores"] >= 1
