@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -102,6 +103,7 @@ def main(argv=None) -> dict:
         "steps": f"{result.final_step} ({results['steps_per_sec']} steps/s, {results['examples_per_sec']} img/s)",
         "FID (DDIM, EMA)": _fmt_fid(results),
         "bits/dim (test)": f"{results['bpd_total']:.3f}" if "bpd_total" in results else "skipped",
+        "time": f"train {results['train_seconds']:.0f} s, evaluation {results['eval_seconds']:.0f} s",
         "outputs": f"{run.workdir}/ (samples/, curves.png, results.json, metrics.jsonl, tb/)",
     })
     return results
@@ -119,13 +121,17 @@ def evaluate(run, cfg: DDPMConfig, graphdef, schedule, params, train_images: np.
     ev, mesh = cfg.eval, run.mesh
     out: dict = {}
     key = jax.random.PRNGKey(20_000 + cfg.train.seed)
+    phase = _Phases(run.is_main)
     if ev.ancestral_grid:
-        grid = make_sampler(graphdef, schedule, cfg, mesh, n=ev.grid_size, method="ancestral")(params, key)
+        phase.start(f"{cfg.diffusion.timesteps}-step ancestral grid of {ev.ancestral_grid_size} images")
+        grid = make_sampler(graphdef, schedule, cfg, mesh, n=ev.ancestral_grid_size,
+                            method="ancestral")(params, key)
         if run.is_main:
             save_image_grid(run.path("samples", f"ancestral{cfg.diffusion.timesteps}_final.png"), grid,
                             value_range=(0, 255))
     if ev.fid_samples and cfg.data.source == "mnist":
         from gen_jax.metrics.fid import frechet_distance, mnist_feature_statistics
+        phase.start(f"FID on {ev.fid_samples} DDIM-{ev.ddim_steps} samples (eta={ev.ddim_eta})")
         sampler = make_sampler(graphdef, schedule, cfg, mesh, n=ev.sample_batch, method="ddim")
         samples = sample_many(sampler, params, jax.random.fold_in(key, 1), ev.fid_samples, ev.sample_batch)
         test = load_images("mnist", cfg.data.eval_split).images[:ev.fid_samples]
@@ -139,12 +145,34 @@ def evaluate(run, cfg: DDPMConfig, graphdef, schedule, params, train_images: np.
         out["fid_note"] = ("FID for tfds sources needs Inception features, which gen_jax does not bundle; "
                            "sample with make_sampler and score with your FID tool")
     if ev.bpd_examples:
+        phase.start(f"bits/dim of {ev.bpd_examples} test images "
+                    f"({ev.bpd_timesteps or cfg.diffusion.timesteps} of {cfg.diffusion.timesteps} terms)")
         test = prepare_images(load_images(cfg.data.source, cfg.data.eval_split,
                                           data_dir=cfg.data.data_dir).images[:ev.bpd_examples], cfg)
         out.update(evaluate_bits_per_dim(make_bpd_fn(graphdef, schedule, cfg, mesh), params, test,
                                          jax.random.fold_in(key, 2), ev.sample_batch, mesh))
         out["bpd_timesteps"] = ev.bpd_timesteps or cfg.diffusion.timesteps
+    phase.start(None)
+    out["eval_seconds"] = round(phase.total, 1)
     return out
+
+
+class _Phases:
+    """Prints each evaluation phase as it starts and how long the previous one took (the samplers are single
+    compiled loops, so there is no per-step progress to show)."""
+
+    def __init__(self, verbose: bool):
+        self.verbose, self.name, self.t0, self.total = verbose, None, 0.0, 0.0
+
+    def start(self, name: str | None) -> None:
+        now = time.perf_counter()
+        if self.name is not None:
+            self.total += now - self.t0
+            if self.verbose:
+                print(f"  eval: {self.name}: {now - self.t0:.0f} s", flush=True)
+        elif self.verbose and name is not None:
+            print("  evaluating the EMA model:", flush=True)
+        self.name, self.t0 = name, now
 
 
 def plot_curves(run) -> None:
