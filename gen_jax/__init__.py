@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("config", "data", "train", "metrics", "images", "nn", "errors", "ddpm", "flash", "gan",
                "hubness", "vae", "roformer", "roformer_sim")
+__all__ = list(_SUBMODULES)  # `from gen_jax import *` imports every paper package
 
 
 def __getattr__(name):

@@ -21,6 +21,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from gen_jax.errors import ConfigError
 
+__all__ = ["TrainConfig", "ImageDataConfig", "parse_command_line", "apply_overrides", "override",
+           "get_preset", "build_parser", "flat_items", "describe", "to_dict"]
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -146,6 +149,7 @@ def override(config: Any, key: str, text: str, _prefix: str = "") -> Any:
 
 
 def apply_overrides(config: Any, assignments: Sequence[str]) -> Any:
+    """Apply `key=value` strings in order (see `override`), then run the config's `validate()` if it has one."""
     for item in assignments:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.num_steps=100)")
@@ -158,15 +162,18 @@ def apply_overrides(config: Any, assignments: Sequence[str]) -> Any:
 
 
 def to_dict(config: Any) -> dict:
+    """A JSON-ready nested dict of a config (tuples become lists, other values strings)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 def describe(config: Any) -> str:
+    """One line per setting, `key = value  (type)`, as `--help` lists them."""
     return "\n".join(f"  {k} = {v!r}  ({_type_name(_strip_optional(t)[0])}"
                      f"{' or None' if _strip_optional(t)[1] else ''})" for k, t, v in flat_items(config))
 
 
 def get_preset(presets: Mapping[str, Callable[[], Any]], name: str) -> Any:
+    """Build the preset `name`; a `ConfigError` naming the available presets otherwise."""
     if name not in presets:
         close = difflib.get_close_matches(name, list(presets), n=2)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
@@ -176,6 +183,8 @@ def get_preset(presets: Mapping[str, Callable[[], Any]], name: str) -> Any:
 
 def build_parser(presets: Mapping[str, Callable[[], Any]], *, prog: str, description: str,
                  default_preset: str) -> argparse.ArgumentParser:
+    """The launchers' argument parser: --preset, --set, --workdir and the multi-process flags; --help lists
+    every preset (its docstring's first paragraph) and every setting of the default preset."""
     lines = [description, "", "presets:"]
     for name, factory in presets.items():
         paragraph = " ".join((factory.__doc__ or "").strip().split("\n\n")[0].split())

@@ -1,5 +1,7 @@
 """Errors that name the problem and the fix."""
 
+__all__ = ["GenJaxError", "ConfigError", "DataError", "CheckpointError", "NonFiniteLossError", "ShapeError"]
+
 
 class GenJaxError(Exception):
     """Base class of gen_jax's own errors."""

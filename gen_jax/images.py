@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gen_jax.errors import ShapeError
 
+__all__ = ["to_uint8", "image_grid", "save_image_grid", "save_curve_png"]
+
 _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 

@@ -46,7 +46,8 @@ def model_to_uint8(x: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round((jnp.asarray(x, jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def normal_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array) -> jax.Array:
+def normal_kl(mean1: jax.Array | float, logvar1: jax.Array | float, mean2: jax.Array | float,
+              logvar2: jax.Array | float) -> jax.Array:
     """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
                   + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))

@@ -30,10 +30,12 @@ from gen_jax.train.step import resolve_dtype
 
 
 def schedule_of(cfg: DDPMConfig) -> Schedule:
+    """The noise schedule of `cfg.diffusion` (linear or cosine, `timesteps` steps)."""
     return make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
 
 
 def build_unet(cfg: DDPMConfig, rngs: nnx.Rngs) -> UNet:
+    """The U-Net of `cfg.model` for `cfg.data` images, computing in `cfg.train.compute_dtype`."""
     m = cfg.model
     return UNet(in_channels=cfg.data.channels, ch=m.ch, ch_mult=m.ch_mult, num_res_blocks=m.num_res_blocks,
                 attn_resolutions=m.attn_resolutions, dropout=m.dropout, resolution=cfg.data.image_size,

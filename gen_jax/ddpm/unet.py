@@ -220,8 +220,9 @@ class UNet(nnx.Module):
         for level in range(self.num_levels):
             for _ in range(self.num_res_blocks):
                 h = self.down_blocks[i](h, temb, deterministic, keys[i])
-                if self.down_attn[i] is not None:
-                    h = self.down_attn[i](h)
+                attn = self.down_attn[i]  # None at resolutions without self-attention
+                if attn is not None:
+                    h = attn(h)
                 hs.append(h)
                 i += 1
             if level != self.num_levels - 1:
@@ -237,8 +238,9 @@ class UNet(nnx.Module):
         for n_up, level in enumerate(reversed(range(self.num_levels))):
             for _ in range(self.num_res_blocks + 1):
                 h = self.up_blocks[j](jnp.concatenate([h, hs.pop()], axis=-1), temb, deterministic, keys[i + j])
-                if self.up_attn[j] is not None:
-                    h = self.up_attn[j](h)
+                attn = self.up_attn[j]
+                if attn is not None:
+                    h = attn(h)
                 j += 1
             if level != 0:
                 target_h, target_w = hs[-1].shape[1:3]

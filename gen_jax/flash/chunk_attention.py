@@ -46,12 +46,14 @@ SOFTMAX_PLUS_BASE = 512.0  # Su's training length: log(n)/log(512) is 1 at n = 5
 _NEG = -1e30
 
 
-def _check_normalizer(normalizer: str, norm_const: float | None) -> None:
+def _check_normalizer(normalizer: str, norm_const: float | None) -> float:
+    """Validate the normalizer; returns the constant c of "relu2_const" (1.0, unused, for the others)."""
     if normalizer not in NORMALIZERS:
         raise ConfigError(f"unknown attention normalizer {normalizer!r}; choose one of {NORMALIZERS}")
     if normalizer == "relu2_const" and (norm_const is None or norm_const <= 0):
         raise ConfigError(f"normalizer 'relu2_const' needs a positive norm_const (got {norm_const!r}); "
                           "pass e.g. norm_const=chunk_size")
+    return float(norm_const) if normalizer == "relu2_const" and norm_const is not None else 1.0
 
 
 def _check_shapes(qs: dict, v_BxTxE: jax.Array, mask_BxT: jax.Array | None) -> None:
@@ -70,7 +72,7 @@ def _check_shapes(qs: dict, v_BxTxE: jax.Array, mask_BxT: jax.Array | None) -> N
         raise ShapeError(f"mask must be [B, T] = {(B, T)} (True = real token), got shape {mask_BxT.shape}")
 
 
-def relu2_weights(scores: jax.Array, visible: jax.Array, denom: jax.Array) -> jax.Array:
+def relu2_weights(scores: jax.Array, visible: jax.Array, denom: jax.Array | float) -> jax.Array:
     """relu(scores)^2 / denom on visible entries, 0 elsewhere (float32)."""
     return jnp.where(visible, jnp.square(jax.nn.relu(scores)), 0.0) / denom
 
@@ -97,7 +99,7 @@ def quadratic_attention(q_BxTxS: jax.Array, k_BxTxS: jax.Array, v_BxTxE: jax.Arr
                         mask: jax.Array | None = None, normalizer: str = "relu2_n",
                         norm_const: float | None = None) -> jax.Array:
     """Full T x T attention of a GAU (FLASH-Quad), [B, T, E]. See the module docstring for normalizers."""
-    _check_normalizer(normalizer, norm_const)
+    const = _check_normalizer(normalizer, norm_const)
     _check_shapes({"q": q_BxTxS, "k": k_BxTxS}, v_BxTxE, mask)
     B, T, S = q_BxTxS.shape
     mask_BxT = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -109,7 +111,7 @@ def quadratic_attention(q_BxTxS: jax.Array, k_BxTxS: jax.Array, v_BxTxE: jax.Arr
     if normalizer == "relu2_n":
         w = relu2_weights(scores, visible_BxTxT, n_BxTx1)
     elif normalizer == "relu2_const":
-        w = relu2_weights(scores, visible_BxTxT, norm_const)
+        w = relu2_weights(scores, visible_BxTxT, const)
     else:
         w = softmax_plus_weights(scores, visible_BxTxT, n_BxTx1)
     out = jnp.einsum("bij,bje->bie", w.astype(v_BxTxE.dtype), v_BxTxE, preferred_element_type=jnp.float32)
@@ -126,7 +128,7 @@ def mixed_chunk_attention(q_quad: jax.Array, k_quad: jax.Array, q_lin: jax.Array
     attention across chunks through the per-chunk states K^lin_g^T V_g [B, G, S, E] (bidirectional: their
     sum over the other chunks; causal: their exclusive prefix sum).
     """
-    _check_normalizer(normalizer, norm_const)
+    const = _check_normalizer(normalizer, norm_const)
     _check_shapes({"q_quad": q_quad, "k_quad": k_quad, "q_lin": q_lin, "k_lin": k_lin}, v, mask)
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -157,7 +159,7 @@ def mixed_chunk_attention(q_quad: jax.Array, k_quad: jax.Array, q_lin: jax.Array
     if normalizer == "relu2_n":
         w = relu2_weights(scores, visible_BxGxCxC, n_BxGxCx1)
     elif normalizer == "relu2_const":
-        w = relu2_weights(scores, visible_BxGxCxC, norm_const)
+        w = relu2_weights(scores, visible_BxGxCxC, const)
     else:
         m_BxGxCx1 = visible_BxGxCxC.sum(-1, keepdims=True).astype(jnp.float32)
         w = softmax_plus_weights(scores, visible_BxGxCxC, m_BxGxCx1)
@@ -171,7 +173,7 @@ def mixed_chunk_attention(q_quad: jax.Array, k_quad: jax.Array, q_lin: jax.Array
     else:
         ctx_BxGxSxE = kv_BxGxSxE.sum(1, keepdims=True) - kv_BxGxSxE  # chunks h != g
     lin = jnp.einsum("bgis,bgse->bgie", ql.astype(jnp.float32), ctx_BxGxSxE)
-    lin = lin / (norm_const if normalizer == "relu2_const" else n_BxGxCx1)
+    lin = lin / (const if normalizer == "relu2_const" else n_BxGxCx1)
 
     out = (local + lin).reshape(B, G * C, E)[:, :T]
     return jnp.where(mask_BxT[:, :T, None], out, 0.0).astype(v.dtype)
@@ -185,7 +187,7 @@ def dense_reference(q_quad: jax.Array, k_quad: jax.Array, q_lin: jax.Array, k_li
     A_ij = A^quad_ij [same chunk, visible] + (q^lin_i . k^lin_j) / N_i [other chunk, visible], out = A v.
     No chunk reshapes, padding or prefix sums: it only uses chunk ids i // C.
     """
-    _check_normalizer(normalizer, norm_const)
+    const = _check_normalizer(normalizer, norm_const)
     _check_shapes({"q_quad": q_quad, "k_quad": k_quad, "q_lin": q_lin, "k_lin": k_lin}, v, mask)
     B, T, S = q_quad.shape
     mask_BxT = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -200,12 +202,13 @@ def dense_reference(q_quad: jax.Array, k_quad: jax.Array, q_lin: jax.Array, k_li
     f32 = lambda x: x.astype(jnp.float32)
     scores = jnp.einsum("bis,bjs->bij", f32(q_quad), f32(k_quad)) / math.sqrt(S)
     n = visible_counts(mask_BxT, causal)[..., None]
+    lin_den: jax.Array | float = n
     if normalizer == "relu2_n":
-        a_local, lin_den = relu2_weights(scores, local_vis, n), n
+        a_local = relu2_weights(scores, local_vis, n)
     elif normalizer == "relu2_const":
-        a_local, lin_den = relu2_weights(scores, local_vis, norm_const), norm_const
+        a_local, lin_den = relu2_weights(scores, local_vis, const), const
     else:
-        a_local, lin_den = softmax_plus_weights(scores, local_vis, local_vis.sum(-1, keepdims=True)), n
+        a_local = softmax_plus_weights(scores, local_vis, local_vis.sum(-1, keepdims=True))
     a_global = jnp.where(global_vis, jnp.einsum("bis,bjs->bij", f32(q_lin), f32(k_lin)), 0.0) / lin_den
     out = jnp.einsum("bij,bje->bie", a_local + a_global, f32(v))
     return jnp.where(mask_BxT[..., None], out, 0.0).astype(v.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 from gen_jax.config import TrainConfig
 from gen_jax.errors import ConfigError
@@ -81,7 +82,7 @@ class TransformerConfig:
     rope_base: float = 10000.0
     init_std: float = 0.02
     compute_dtype: str = "float32"
-    attention_impl: str | None = None  # jax.nn.dot_product_attention: None (auto), "xla" or "cudnn"
+    attention_impl: Literal["xla", "cudnn"] | None = None  # jax.nn.dot_product_attention; None: automatic
     remat: bool = False
 
     def __post_init__(self):
@@ -153,6 +154,7 @@ PRESETS: dict[str, FlashConfig] = {
 
 
 def preset(name: str, **overrides) -> FlashConfig:
+    """The named model preset ("tiny", "char_small", "base") with `overrides` applied (dataclass fields)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown FLASH preset {name!r}; choose one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)

@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gen_jax.errors import ConfigError, ShapeError
 from gen_jax.flash.chunk_attention import mixed_chunk_attention, relu2_weights, softmax_plus_weights
@@ -65,7 +66,7 @@ def decode_step(model: FlashLM, cache: dict, token_B: jax.Array) -> tuple[jax.Ar
     visible_1xC = (jnp.arange(C) <= slot)[None]
     done = slot == C - 1
     x = model.embed(token_B[:, None])
-    new = {"kv_sum": [], "kv_chunk": [], "k_quad": [], "v": []}
+    new: dict[str, list[jax.Array]] = {"kv_sum": [], "kv_chunk": [], "k_quad": [], "v": []}
     for i, layer in enumerate(model.layers):
         p = layer.project(x, pos[None, None])
         q_quad, k_quad, q_lin, k_lin = (t[:, 0] for t in p.qk)
@@ -113,12 +114,12 @@ def prefill(model: FlashLM, prompt_BxP: jax.Array) -> tuple[jax.Array, dict]:
     cache = init_cache(cfg, B)
     positions = jnp.arange(P)[None]
     x = model.embed(prompt_BxP)
-    new = {"kv_sum": [], "kv_chunk": [], "k_quad": [], "v": []}
+    new: dict[str, list[jax.Array]] = {"kv_sum": [], "kv_chunk": [], "k_quad": [], "v": []}
     for i, layer in enumerate(model.layers):
         p = layer.project(x, positions)
-        attn = mixed_chunk_attention(*p.qk, p.v, chunk_size=C, causal=True, normalizer=cfg.normalizer,
-                                     norm_const=cfg.attn_const)
-        _, k_quad, _, k_lin = p.qk
+        q_quad, k_quad, q_lin, k_lin = p.qk
+        attn = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, p.v, chunk_size=C, causal=True,
+                                     normalizer=cfg.normalizer, norm_const=cfg.attn_const)
         kv = lambda a, b: jnp.einsum("bts,bte->bse", a, b, preferred_element_type=jnp.float32)
         new["kv_sum"].append(kv(k_lin[:, :full], p.v[:, :full]))
         new["kv_chunk"].append(kv(k_lin[:, full:], p.v[:, full:]))
@@ -162,7 +163,7 @@ def _generate(graphdef, params, prompt_BxP, rng, *, num_tokens: int, temperature
     return tokens_NxB.T
 
 
-def generate(graphdef: nnx.GraphDef, params, prompt_BxP: jax.Array, *, num_tokens: int, rng: jax.Array,
+def generate(graphdef: nnx.GraphDef, params, prompt_BxP: ArrayLike, *, num_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_p: float = 1.0) -> jax.Array:
     """Sample `num_tokens` continuation tokens [B, num_tokens] after a prompt: a parallel prefill, then one
     `lax.scan` of constant-cost `decode_step`s, all in one compiled call."""

@@ -106,9 +106,12 @@ class GAU(nnx.Module):
             positions = jnp.arange(T)[None]
         p = self.project(x_BxTxD, positions)
         if cfg.kind == "flash":
-            attn = mixed_chunk_attention(*p.qk, p.v, chunk_size=cfg.chunk_size, causal=cfg.causal, mask=mask,
-                                         normalizer=cfg.normalizer, norm_const=cfg.attn_const)
+            q_quad, k_quad, q_lin, k_lin = p.qk
+            attn = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, p.v, chunk_size=cfg.chunk_size,
+                                         causal=cfg.causal, mask=mask, normalizer=cfg.normalizer,
+                                         norm_const=cfg.attn_const)
         else:
-            attn = quadratic_attention(*p.qk, p.v, causal=cfg.causal, mask=mask, normalizer=cfg.normalizer,
+            q, k = p.qk
+            attn = quadratic_attention(q, k, p.v, causal=cfg.causal, mask=mask, normalizer=cfg.normalizer,
                                        norm_const=cfg.attn_const)
         return self.finish(x_BxTxD, p.u, attn)

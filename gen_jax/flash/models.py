@@ -4,6 +4,7 @@ attention via `jax.nn.dot_product_attention`), plus losses and a `loss_fn` for t
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -31,8 +32,11 @@ class _LMHead(nnx.Module):
         d, dtype = cfg.d_model, compute_dtype(cfg.compute_dtype)
         self.tied = cfg.tie_embeddings
         self.final_norm = make_norm(cfg.norm, d, dtype, rngs)
-        self.out = None if cfg.tie_embeddings else dense(d, cfg.vocab_size, cfg.init_std, dtype, rngs,
-                                                         use_bias=False)
+        self.out: nnx.Linear | None = None if cfg.tie_embeddings else dense(
+            d, cfg.vocab_size, cfg.init_std, dtype, rngs, use_bias=False)
+        self.mlm_dense: nnx.Linear | None  # the MLM head, or None for a causal LM
+        self.mlm_norm: nnx.Module | None
+        self.mlm_bias: nnx.Param | None
         if cfg.task == "mlm":
             self.mlm_dense = dense(d, d, cfg.init_std, dtype, rngs)
             self.mlm_norm = make_norm(cfg.norm, d, dtype, rngs)
@@ -42,7 +46,7 @@ class _LMHead(nnx.Module):
 
     def __call__(self, h_BxTxD: jax.Array, embed: nnx.Embed) -> jax.Array:
         h = self.final_norm(h_BxTxD)
-        if self.mlm_dense is not None:
+        if self.mlm_dense is not None and self.mlm_norm is not None:  # the MLM head (set together)
             h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(h)))
         if self.out is not None:
             logits = self.out(h).astype(jnp.float32)
@@ -170,6 +174,7 @@ def lm_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array
 
 
 def nats_to_bits(nats: jax.Array | float) -> jax.Array | float:
+    """Convert a loss in nats (natural log) to bits: nats / ln 2."""
     return nats / math.log(2.0)
 
 
@@ -198,19 +203,23 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, task: str = "clm", mask_token_id: in
     tokens[:, :-1]. mlm: batch {"tokens": [B, T], optional "mask"}; corrupts with `mlm_corrupt`.
     Metrics: nats and bits per token.
     """
-    if task == "mlm" and (mask_token_id is None or vocab_size is None):
-        raise ConfigError("task='mlm' needs mask_token_id and vocab_size for the corruption")
+    if task not in ("clm", "mlm"):
+        raise ConfigError(f"task must be 'clm' (causal LM) or 'mlm' (masked LM), got {task!r}")
+    corrupt: Callable | None = None  # set for "mlm"
+    if task == "mlm":
+        if mask_token_id is None or vocab_size is None:
+            raise ConfigError("task='mlm' needs mask_token_id and vocab_size for the corruption")
+        corrupt = functools.partial(mlm_corrupt, mask_token_id=mask_token_id, vocab_size=vocab_size, rate=mlm_rate)
 
     def loss_fn(params, batch, rng):
         model = nnx.merge(graphdef, params)
         tokens, mask = batch["tokens"], batch.get("mask")
-        if task == "clm":
+        if corrupt is None:  # "clm"
             in_mask = None if mask is None else mask[:, :-1]
             logits = model(tokens[:, :-1], mask=in_mask)
             loss = lm_loss(logits, tokens[:, 1:], None if mask is None else mask[:, 1:])
         else:
-            inputs, selected = mlm_corrupt(rng, tokens, mask_token_id=mask_token_id, vocab_size=vocab_size,
-                                           rate=mlm_rate, mask=mask)
+            inputs, selected = corrupt(rng, tokens, mask=mask)
             logits = model(inputs, mask=mask)
             loss = lm_loss(logits, tokens, selected)
         return loss, {"nats_per_token": loss, "bits_per_token": nats_to_bits(loss)}

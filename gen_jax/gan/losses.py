@@ -31,15 +31,18 @@ def _scores(s: jax.Array, name: str) -> jax.Array:
 
 
 def d_hinge_loss(real_B: jax.Array, fake_B: jax.Array) -> jax.Array:
+    """Hinge discriminator loss E[relu(1 - D(x))] + E[relu(1 + D(G(z)))] from raw scores [B]."""
     real_B, fake_B = _scores(real_B, "real_B"), _scores(fake_B, "fake_B")
     return jnp.mean(jax.nn.relu(1.0 - real_B)) + jnp.mean(jax.nn.relu(1.0 + fake_B))
 
 
 def g_hinge_loss(fake_B: jax.Array) -> jax.Array:
+    """Hinge generator loss -E[D(G(z))]."""
     return -jnp.mean(_scores(fake_B, "fake_B"))
 
 
 def d_bce_loss(real_B: jax.Array, fake_B: jax.Array) -> jax.Array:
+    """Binary cross-entropy discriminator loss -E[log sigmoid(D(x))] - E[log(1 - sigmoid(D(G(z))))] from logits."""
     real_B, fake_B = _scores(real_B, "real_B"), _scores(fake_B, "fake_B")
     return jnp.mean(jax.nn.softplus(-real_B)) + jnp.mean(jax.nn.softplus(fake_B))
 
@@ -50,10 +53,12 @@ def g_bce_loss(fake_B: jax.Array) -> jax.Array:
 
 
 def d_wgan_loss(real_B: jax.Array, fake_B: jax.Array) -> jax.Array:
+    """Wasserstein critic loss E[D(G(z))] - E[D(x)] (add `gradient_penalty` for WGAN-GP)."""
     return jnp.mean(_scores(fake_B, "fake_B")) - jnp.mean(_scores(real_B, "real_B"))
 
 
 def g_wgan_loss(fake_B: jax.Array) -> jax.Array:
+    """Wasserstein generator loss -E[D(G(z))]."""
     return -jnp.mean(_scores(fake_B, "fake_B"))
 
 

@@ -81,6 +81,8 @@ PRESETS: dict[str, RoFormerConfig] = {
 
 
 class RoFormerOutput(NamedTuple):
+    """Encoder outputs: final hidden states [B, T, D], the pooled [CLS] vector [B, D] (None without a pooler)
+    and the updated key/value cache (None when no `cache` was passed)."""
     hidden_BxTxD: jax.Array
     pooled_BxD: jax.Array | None
     cache: dict | None

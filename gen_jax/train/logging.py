@@ -38,6 +38,8 @@ class MetricWriter:
     def write(self, step: int, scalars: Mapping[str, Any], *, prefix: str = "", echo=None) -> None:
         if not self.enabled:
             return
+        if self._jsonl is None:
+            raise ValueError("MetricWriter.write() after close(); create a new MetricWriter to go on")
         values = {f"{prefix}{k}": _scalar(v) for k, v in scalars.items()}
         self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
         if self._tb is not None:

@@ -51,6 +51,8 @@ class Hook:
 
 @dataclasses.dataclass
 class TrainResult:
+    """What `train` returns: the final (device) state, the steps it started and ended at, timing of the timed
+    calls (compilation excluded), the last logged metrics, and whether a signal stopped it early."""
     state: TrainState
     start_step: int
     final_step: int

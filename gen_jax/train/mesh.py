@@ -45,6 +45,7 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device of `mesh` holds the whole array (train state, parameters)."""
     return NamedSharding(mesh, P())
 
 
@@ -54,4 +55,5 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def is_main_process() -> bool:
+    """True on process 0, the only one that writes logs, pictures and results."""
     return jax.process_index() == 0

@@ -42,4 +42,5 @@ def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
 
 
 def num_params(tree: Any) -> int:
+    """Total number of array elements in a pytree (e.g. the parameters of a model)."""
     return int(sum(x.size for x in jax.tree.leaves(tree)))

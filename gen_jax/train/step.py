@@ -22,6 +22,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def resolve_dtype(name: str):
+    """The jnp dtype of a config name ("float32", "bfloat16", ...); a `ConfigError` for unknown names."""
     if name not in DTYPES:
         from gen_jax.errors import ConfigError
         raise ConfigError(f"unknown compute dtype {name!r}; use one of {', '.join(DTYPES)}")
