@@ -1,6 +1,6 @@
 """Train and evaluate DDPM (Ho et al. 2020) with DDIM sampling (Song et al. 2020).
 
-    python -m experiments.ddpm                       # offline MNIST default (~10 min on 2 CPU cores)
+    python -m experiments.ddpm                       # offline MNIST default (~12 min on 2 quiet CPU cores)
     python -m experiments.ddpm --preset tiny         # seconds: smoke test
     python -m experiments.ddpm --preset cifar10 --workdir gs://bucket/ddpm   # the paper's model
     python -m experiments.ddpm --help                # presets and every key (--set key=value)
