@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     cfg, args = parse_command_line(LAUNCH_PRESETS, argv, prog="python -m experiments.flash",
                                    default_preset="shakespeare", description=__doc__.strip().splitlines()[0])
     run = start_run(cfg, args, name="flash")
-    vocab_path = os.path.join(run.workdir, "vocab.json")
+    vocab_path = run.path("vocab.json")
     data = prepare_lm_data(cfg, CharVocab.load(vocab_path) if os.path.exists(vocab_path) else None)
     if run.is_main:
         data.vocab.save(vocab_path)
@@ -106,7 +106,8 @@ def train_model(run, cfg: FlashRunConfig, name: str, data: LMData):
     """Train (or resume, or just restore) one model in <workdir>/<name>; returns (row, graphdef, params)
     or None when the run was stopped by a signal."""
     tc, mesh = cfg.train, run.mesh
-    workdir = os.path.join(run.workdir, name)
+    sub = run.sub(name)  # <workdir>/<name>: staged locally and mirrored by run.sync() for a remote workdir
+    workdir = sub.local_dir
     model_cfg = lm_model_config(cfg, name, len(data.vocab))
     graphdef, params = nnx.split(build(model_cfg, seed=tc.seed), nnx.Param)
     optimizer = make_lm_optimizer(cfg)
@@ -118,7 +119,7 @@ def train_model(run, cfg: FlashRunConfig, name: str, data: LMData):
     total = num_params(params)
     if run.is_main:
         print(f"\n{MODEL_TITLES[name]}: {total:,} parameters ({non_embedding_params(total, model_cfg):,} "
-              f"non-embedding), {model_cfg.num_layers} layers -> {workdir}")
+              f"non-embedding), {model_cfg.num_layers} layers -> {sub.workdir}")
 
     eval_fn = make_eval_fn(graphdef, mesh)
     curve_windows = spread_windows(data.eval_windows, cfg.eval.curve_windows)
@@ -131,7 +132,7 @@ def train_model(run, cfg: FlashRunConfig, name: str, data: LMData):
                                               mesh)["bpc"]}
 
     hooks = [Hook(cfg.eval.every_steps or tc.num_steps, curve_point, name="val")]
-    result = train(workdir=workdir, state=state, update_fn=update_fn, data=batches, num_steps=tc.num_steps,
+    result = train(**sub.train_kwargs(), state=state, update_fn=update_fn, data=batches, num_steps=tc.num_steps,
                    mesh=mesh, steps_per_call=tc.steps_per_call, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, hooks=hooks,
                    batch_size=tc.batch_size, desc=name)
@@ -139,7 +140,7 @@ def train_model(run, cfg: FlashRunConfig, name: str, data: LMData):
     if result.preempted:
         return None
     final_params = eval_params(result.state)
-    saved_path = os.path.join(workdir, "results.json")
+    saved_path = sub.path("results.json")
     saved = json.load(open(saved_path)) if os.path.exists(saved_path) else None
     if (saved and result.start_step == result.final_step == saved.get("steps")
             and saved.get("settings") == _settings(cfg)):

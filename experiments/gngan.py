@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -74,7 +73,9 @@ def _summary_lines(run: Run, cfg: GNGANConfig, r: dict) -> dict:
 
 
 def train_and_evaluate(run: Run, cfg: GNGANConfig, scorer: MnistScorer | None = None) -> dict:
-    """Train one GAN in run.workdir (resuming), then grids and scores; returns (and writes) results.json."""
+    """Train one GAN in run.workdir (resuming), then grids and scores; returns (and writes) results.json.
+
+    Files go through `run.path` (a staging folder for a remote workdir, mirrored by `run.sync()`)."""
     mesh, tc, g = run.mesh, cfg.train, cfg.gan
     train_data = load_images(cfg.data.source, cfg.data.train_split, data_dir=cfg.data.data_dir)
     images = check_images(train_data.images, cfg)
@@ -100,7 +101,7 @@ def train_and_evaluate(run: Run, cfg: GNGANConfig, scorer: MnistScorer | None = 
             save_image_grid(run.path("samples", f"step{step:07d}.png"), grid)
 
     hooks = [Hook(cfg.eval.sample_every or tc.num_steps, write_grid, name="samples")]
-    result = train(workdir=run.workdir, state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
+    result = train(**run.train_kwargs(), state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
                    mesh=mesh, steps_per_call=tc.steps_per_call, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, hooks=hooks,
                    batch_size=tc.batch_size * g.n_dis, desc=f"gngan/{cfg.gan.method}")
@@ -108,7 +109,8 @@ def train_and_evaluate(run: Run, cfg: GNGANConfig, scorer: MnistScorer | None = 
     if result.preempted:
         return {}
     g_params = g_params_of(result.state)
-    if not os.path.exists(run.path("samples", f"step{result.final_step:07d}.png")):
+    if result.start_step == result.final_step and not os.path.exists(
+            run.path("samples", f"step{result.final_step:07d}.png")):
         write_grid(result.final_step, result.state)  # a resumed, already finished run ran no hooks
 
     results = {"method": g.method, "loss": g.resolved_loss, "n_dis": g.n_dis, "steps": result.final_step,
@@ -136,7 +138,7 @@ def train_and_evaluate(run: Run, cfg: GNGANConfig, scorer: MnistScorer | None = 
     results.update(steps_per_sec=round(result.steps_per_second, 3),
                    examples_per_sec=round(result.steps_per_second * tc.batch_size * g.n_dis, 1),
                    train_seconds=round(result.train_seconds, 1), resumed_from=result.start_step)
-    previous = _read_json(os.path.join(run.workdir, "results.json"))
+    previous = _read_json(run.path("results.json"))
     if result.start_step == result.final_step and previous.get("steps") == result.final_step:
         for name in ("steps_per_sec", "examples_per_sec", "train_seconds"):  # keep the timed run's numbers
             results[name] = previous.get(name, results[name])
@@ -154,7 +156,7 @@ def _read_json(path: str) -> dict:
 
 
 def plot_curves(run: Run) -> None:
-    path = os.path.join(run.workdir, "metrics.jsonl")
+    path = run.path("metrics.jsonl")
     if not run.is_main or not os.path.exists(path):
         return
     rows = [json.loads(line) for line in open(path) if line.strip()]
@@ -176,9 +178,9 @@ def compare(run: Run, cfg: GNGANConfig) -> dict:
     table = {}
     for method in methods:
         sub_cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, method=method), compare_methods=())
-        sub = Run(workdir=os.path.join(run.workdir, method), mesh=run.mesh, config=sub_cfg, started=time.time())
-        previous = _read_json(os.path.join(sub.workdir, "results.json"))
-        same_config = _read_json(os.path.join(sub.workdir, "config.json")) == to_dict(sub_cfg)
+        sub = run.sub(method, config=sub_cfg)  # staged and mirrored with the parent run
+        previous = _read_json(sub.path("results.json"))
+        same_config = _read_json(sub.path("config.json")) == to_dict(sub_cfg)
         if same_config and previous.get("steps") == cfg.train.num_steps:
             if run.is_main:
                 print(f"\n== {method}: finished earlier, reusing {sub.workdir}/results.json ==")
@@ -186,7 +188,6 @@ def compare(run: Run, cfg: GNGANConfig) -> dict:
             continue
         if run.is_main:
             print(f"\n== {method} ({sub_cfg.gan.resolved_loss} loss) -> {sub.workdir} ==")
-            os.makedirs(sub.workdir, exist_ok=True)
             sub.write_json("config.json", to_dict(sub_cfg))
         if scorer is None and cfg.eval.fid_samples and cfg.data.source == "mnist":
             scorer = MnistScorer(load_images("mnist", cfg.data.train_split).images,
@@ -206,7 +207,7 @@ def compare(run: Run, cfg: GNGANConfig) -> dict:
             f.write(comparison_markdown(out))
         panels = {}
         for method in methods:
-            path = os.path.join(run.workdir, method, "samples", f"step{cfg.train.num_steps:07d}.png")
+            path = run.path(method, "samples", f"step{cfg.train.num_steps:07d}.png")
             if os.path.exists(path):
                 from PIL import Image
                 panels[f"{method} ({table[method]['loss']})"] = np.asarray(Image.open(path))

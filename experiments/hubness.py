@@ -2,6 +2,7 @@
 
     python -m experiments.hubness                                   # the generator of runs/gngan_mnist
     python -m experiments.hubness --checkpoint runs/gngan_compare/gran
+    python -m experiments.hubness --checkpoint gs://BUCKET/gngan --workdir gs://BUCKET/hubness
     python -m experiments.hubness --set hub.threshold=40 --set hub.strict=true
     python -m experiments.hubness --set hub.hub_fraction=0.015      # threshold calibrated for small z_dim
     python -m experiments.hubness --preset tiny --checkpoint RUN    # seconds: smoke test
@@ -55,7 +56,8 @@ def main(argv=None) -> dict:
     parser = build_parser(HUBNESS_PRESETS, prog="python -m experiments.hubness", default_preset="mnist",
                           description=__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help=f"workdir of a gngan run (default {DEFAULT_CHECKPOINT}); its newest checkpoint")
+                        help=f"workdir of a gngan run, local or gs:// (default {DEFAULT_CHECKPOINT}); its newest "
+                        "checkpoint")
     args = parser.parse_args(argv)
     try:
         cfg = apply_overrides(get_preset(HUBNESS_PRESETS, args.preset), args.overrides)

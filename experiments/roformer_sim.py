@@ -15,7 +15,8 @@ default: a frozen copy of `--init`). The supervised stage (Sentence-BERT on [u, 
 labelled files you supply: no labelled STS data (LCQMC, BQ, ATEC, PAWSX, STS-B, CNSD) ships with gen_jax.
 
 `--init PATH` loads a released or exported RoFormer(-Sim): an HF folder (config.json, model.safetensors or
-pytorch_model.bin, vocab.txt), one of its weight files (vocab.txt beside it), or a gen_jax workdir (its export/).
+pytorch_model.bin, vocab.txt), one of its weight files (vocab.txt beside it), or a gen_jax workdir (its export/);
+local or gs:// (downloaded first).
 Without it a char vocab is built from the corpus (cached as <workdir>/vocab.txt) and a small model trained from
 scratch.
 
@@ -85,7 +86,7 @@ def _documents(cfg: SimConfig, split: str) -> list[str]:
 
 def make_tokenizer_and_model(run, cfg: SimConfig, train_docs: list[str]) -> tuple[CharTokenizer, RoFormer, str]:
     """A pretrained model with its own vocab (--init), or a vocab built from the corpus and a fresh model."""
-    vocab = os.path.join(run.workdir, "vocab.txt")
+    vocab = run.path("vocab.txt")  # staged (and mirrored by run.sync) for a remote workdir
     if cfg.init:
         model, init_vocab = load_pretrained(cfg.init)
         if run.is_main:  # the run keeps its own copy (exported with the model)
@@ -98,7 +99,9 @@ def make_tokenizer_and_model(run, cfg: SimConfig, train_docs: list[str]) -> tupl
             os.replace(vocab + ".tmp", vocab)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+            run.sync()  # a remote workdir: the other processes fetch the vocab from there
             multihost_utils.sync_global_devices("roformer_sim vocab")
+            vocab = run.fetch("vocab.txt")
     tokenizer = CharTokenizer(vocab)
     m = cfg.model
     rcfg = RoFormerConfig(vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
@@ -190,7 +193,7 @@ def main(argv=None) -> dict:
         return {"top1_all": r["top1_all"], "top1_batch": r["top1_batch"]}
 
     hooks = [Hook(cfg.eval.every, retrieval_hook, name="retrieval", at_end=False)] if cfg.eval.every else []
-    result = train(workdir=run.workdir, state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
+    result = train(**run.train_kwargs(), state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
                    mesh=mesh, steps_per_call=tc.steps_per_call, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, hooks=hooks,
                    batch_size=tc.batch_size, desc=f"roformer_sim stage {cfg.stage}")
@@ -274,7 +277,7 @@ def evaluate(run, cfg: SimConfig, model: RoFormer, tokenizer: CharTokenizer, eva
 
 
 def plot_curves(run, cfg: SimConfig) -> None:
-    path = os.path.join(run.workdir, "metrics.jsonl")
+    path = run.path("metrics.jsonl")
     if not run.is_main or not os.path.exists(path):
         return
     rows = [json.loads(line) for line in open(path) if line.strip()]

@@ -314,20 +314,23 @@ def load_generator(workdir: str, mesh: jax.sharding.Mesh | None = None
     """(setup, G params (EMA when the run kept one), config, step) of the newest checkpoint of a gngan run.
 
     Reads `<workdir>/config.json` to rebuild the exact models and train state, then restores
-    `<workdir>/checkpoints/<newest step>` through `gen_jax.train.Checkpointer` (read only).
+    `<workdir>/checkpoints/<newest step>` through `gen_jax.train.Checkpointer` (read only). The workdir may be
+    local or remote (gs://...).
     """
+    from etils import epath
+
     from gen_jax.train.checkpoint import Checkpointer
-    config_path = os.path.join(workdir, "config.json")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.exists(config_path) or not os.path.isdir(ckpt_dir):
+    workdir = str(workdir).rstrip("/") if "://" in str(workdir) else os.path.expanduser(str(workdir))
+    config_path = epath.Path(workdir) / "config.json"
+    ckpt_dir = f"{workdir}/checkpoints" if "://" in workdir else os.path.join(workdir, "checkpoints")
+    if not config_path.exists() or not epath.Path(ckpt_dir).is_dir():
         raise CheckpointError(f"{workdir} is not a gngan run directory (needs config.json and checkpoints/); "
                               "train one with `python -m experiments.gngan --preset mnist` or pass "
                               "--checkpoint WORKDIR")
-    with open(config_path) as f:
-        cfg = config_from_dict(GNGANConfig, json.load(f))
+    cfg = config_from_dict(GNGANConfig, json.loads(config_path.read_text()))
     if cfg.compare_methods:
         raise CheckpointError(f"{workdir} is a compare run; pass one method's run, e.g. "
-                              f"{os.path.join(workdir, cfg.compare_methods[0])}")
+                              f"{workdir.rstrip('/')}/{cfg.compare_methods[0]}")
     setup, template = build_gan(cfg)
     if mesh is not None:
         template = jax.device_put(template, replicated(mesh))

@@ -256,14 +256,38 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+_HF_FILES = ("config.json", "vocab.txt", "model.safetensors", "pytorch_model.bin")
+
+
+def fetch_pretrained(path: str) -> str:
+    """A local copy of a remote (gs://...) model path: of a gen_jax workdir its export/, of an HF folder its
+    config.json, vocab.txt and weights, of a weight file the file and the vocab.txt / config.json beside it."""
+    from etils import epath
+
+    from gen_jax.train.launch import local_copy
+    path = path.rstrip("/")
+    remote = epath.Path(path)
+    if not remote.exists():
+        raise CheckpointError(f"--init {path}: no such file or folder")
+    if remote.is_dir():
+        if not any((remote / name).exists() for name in _HF_FILES[2:]) and (remote / "export").is_dir():
+            path += "/export"
+        return local_copy(path, _HF_FILES)
+    folder, name = path.rsplit("/", 1)
+    return os.path.join(local_copy(folder, ("config.json", "vocab.txt", name)), name)
+
+
 def load_pretrained(path: str) -> tuple[RoFormer, str]:
-    """(model, vocab.txt path) from an HF RoFormer(-Sim) folder / .bin / .safetensors or a gen_jax workdir.
+    """(model, vocab.txt path) from an HF RoFormer(-Sim) folder / .bin / .safetensors or a gen_jax workdir,
+    local or remote (gs://...; downloaded first).
 
     The vocab.txt must sit in the folder (or next to the file): a released model only works with its own vocab.
     """
     from gen_jax.roformer.convert import load_hf
+    from gen_jax.train.launch import is_remote
 
-    path = resolve_checkpoint(os.path.abspath(os.path.expanduser(path)))
+    path = fetch_pretrained(path) if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+    path = resolve_checkpoint(path)
     if not os.path.exists(path):
         raise CheckpointError(f"--init {path}: no such file or folder; pass an HF RoFormer folder (config.json, "
                               "model.safetensors or pytorch_model.bin, vocab.txt), one of its weight files, or a "

@@ -105,6 +105,10 @@ def train(*, workdir: str, state: TrainState, update_fn: UpdateFn, data: DataIte
     which may be a `gs://` path (`gen_jax.train.launch.Run` stages a remote workdir this way and mirrors
     the local files there from `after_checkpoint`).
     """
+    if "://" in str(workdir):
+        raise ValueError(f"train(workdir={workdir!r}): the workdir is where metrics are written locally; for a "
+                         "remote run pass a local folder and checkpoint_dir=<remote>/checkpoints, e.g. "
+                         "train(**run.train_kwargs(), ...) with a gen_jax.train.launch.Run")
     mesh = mesh or make_mesh()
     state_sharding, batch_sharding = replicated(mesh), batch_sharded(mesh)
     main = is_main_process()

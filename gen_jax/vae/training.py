@@ -96,8 +96,8 @@ class TrainedModel:
 def train_submodel(run, name: str, params: Any, loss_fn: Callable, images: np.ndarray, tc: TrainConfig,
                    optim: OptimConfig, *, hooks: Sequence[Hook] = (), desc: str | None = None) -> TrainedModel:
     """Train one model in `<workdir>/<name>/` (metrics, checkpoints; resumed when present) on uint8 images."""
-    local = run.path(name, "timing.json")
-    sub = os.path.dirname(local)
+    sub = run.sub(name)  # staged and mirrored with the launcher's run for a remote workdir
+    local = sub.path("timing.json")
     data = BatchIterator({"images": images}, tc.batch_size, seed=tc.seed, sharding=batch_sharded(run.mesh),
                          prefetch=tc.prefetch)
     optimizer = make_vae_optimizer(optim, tc)
@@ -106,8 +106,7 @@ def train_submodel(run, name: str, params: Any, loss_fn: Callable, images: np.nd
                                compute_dtype=tc.compute_dtype)
     t0 = time.time()
     try:
-        result = train(workdir=sub, checkpoint_dir=f"{run.workdir.rstrip('/')}/{name}/checkpoints",
-                       after_checkpoint=lambda step: run.sync(), state=state, update_fn=update_fn, data=data,
+        result = train(**sub.train_kwargs(), state=state, update_fn=update_fn, data=data,
                        num_steps=tc.num_steps, mesh=run.mesh, steps_per_call=tc.steps_per_call,
                        log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
                        keep_checkpoints=tc.keep_checkpoints, hooks=list(hooks), batch_size=tc.batch_size,
