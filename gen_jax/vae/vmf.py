@@ -29,12 +29,20 @@ kappa = 1e4 in float32; the starting ratio comes from a cancellation-free differ
 expansions. All of it is plain jnp arithmetic, so gradients w.r.t. kappa come from autodiff of an analytic expression.
 
 Sampling: x = w mu + sqrt(1 - w^2) nu with w = <mu, x> having density
-p(w) oc exp(kappa w) (1 - w^2)^{(d-3)/2} on [-1, 1] and nu = normalize(eps - <eps, mu> mu), eps ~ N(0, I),
-uniform on the unit sphere orthogonal to mu. w is drawn by
+p(w) oc exp(kappa w) (1 - w^2)^{(d-3)/2} on [-1, 1] and nu uniform on the unit sphere orthogonal to mu. `sample`
+draws nu around the north pole e_1 (one uniform angle for d = 3, d - 1 normals otherwise) and maps it to mu with
+the reflection R = -sigma (I - 2 v v^T / |v|^2), v = e_1 + sigma mu, sigma = sign(mu_1) (R e_1 = mu, O(d) per
+sample, no singularity). w is drawn by
 
-- `sample_w_wood`: Wood's (1994) rejection sampler, eps ~ Beta((d-1)/2, (d-1)/2),
-  w = (1 - (1+b) eps) / (1 - (1-b) eps), inside one compiled `lax.while_loop` over the whole batch (the
-  loop runs until every entry is accepted). The acceptance test and sqrt(1 - w^2) are written in closed
+- `sample_w_d3` (d = 3, the default there): the exact inverse CDF, w = 1 + log1p(q expm1(-2 kappa)) / kappa at
+  CDF level 1 - q, one uniform per sample, written so that 1 - w, sqrt(1 - w^2) and the kappa-derivative at
+  fixed q (which is the implicit-reparameterization derivative below) are accurate from kappa = 0 to 1e4.
+- `sample_w_wood` (d != 3): Wood's (1994) rejection sampler, eps ~ Beta((d-1)/2, (d-1)/2),
+  w = (1 - (1+b) eps) / (1 - (1-b) eps). In `sample` the first proposal comes from the same d normals as the
+  tangent direction (eps from g_1 and |g_{2..d}|^2); rejected entries (<= 35%) are redrawn in compacted,
+  geometrically shrinking buffers from a pool of cheap proposals (a normal and a Marsaglia-Tsang chi-square per
+  eps, one uniform for both rejection tests), so the work is ~N / acceptance proposals instead of N per
+  while_loop round (`_wood_fill`). The acceptance test and sqrt(1 - w^2) are written in closed
   forms of (b, eps) that do not cancel near w = 1 (derivation in the function). Gradient w.r.t. kappa:
   implicit reparameterization (Figurnov, Mohamed, Mnih 2018, eq. 6): with F(w; kappa) the CDF of w,
   dw/dkappa = -(dF/dkappa) / p(w), and since d log p(t)/dkappa = t - A_d(kappa),
@@ -69,7 +77,7 @@ from flax import struct
 from gen_jax.errors import ConfigError, ShapeError
 
 __all__ = ["log_bessel_ive", "log_normalizer", "log_prob", "mean_resultant_length", "entropy", "kl_to_uniform",
-           "log_sphere_area", "w_kappa_derivative", "sample_w_wood", "make_inverse_cdf_table", "sample_w_table", "tangent_direction",
+           "log_sphere_area", "w_kappa_derivative", "sample_w_d3", "sample_w_wood", "make_inverse_cdf_table", "sample_w_table", "tangent_direction",
            "sample", "VonMisesFisher"]
 
 _SHIFT = 24  # Debye expansion at order >= 24: truncation error below 1e-9 for every kappa >= 0
@@ -216,6 +224,141 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.maximum(x, tiny))
 
 
+# Random numbers. On CPU the PRNG is most of a sampler's cost: `jax.random.uniform` on a threefry key spends one
+# threefry2x32 block (64 output bits) per float32 (with jax_threefry_partitionable, the default, it XORs the two
+# words), and `jax.random.normal` adds an erf_inv per draw. For threefry keys we call the block primitive on a
+# counter iota and keep both words (other key implementations go through `jax.random.bits`), and in float32
+# (other dtypes use jax.random):
+#   uniforms: k 2^-23 from the top 23 bits of a word (jax.random.uniform's grid);
+#   normals: Box-Muller from one block: rho = sqrt(-2 log u), u = (a + 1/2) 2^-32 from the first word (finer
+#     than 2^-23 near 0, so the tail is resolved to 6.66 sigma), and a uniform angle from the second word, its
+#     top two bits choosing the quadrant and the rest r in [-pi/4, pi/4), cos r and sin r by Taylor polynomials
+#     (|error| < 3e-9, below float32 rounding) instead of XLA's range-reduced sin and cos.
+# Two CPU-specific rules keep these fast: elementwise work runs on flat arrays (an erf_inv or log over an array
+# with a short minor axis such as [N, 10] vectorizes 3-4x worse), and a concatenate never shares a fusion with
+# transcendental math (XLA then emits a per-element select that stops vectorization, ~7x slower), hence the
+# optimization barriers before concatenating.
+def _is_threefry_key(rng: jax.Array) -> bool:
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(rng)) == "threefry2x32"
+    return rng.dtype == jnp.uint32 and rng.shape == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
+
+
+def _word_pairs(rng: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """Two arrays of m uint32 random words, a deterministic function of the key (for threefry keys: the two
+    output words of one threefry2x32 block per counter)."""
+    if _is_threefry_key(rng) and 0 < m < 2 ** 32:
+        from jax.extend.random import threefry2x32_p
+        key = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+        count = jax.lax.iota(jnp.uint32, m)
+        return tuple(threefry2x32_p.bind(key[0], key[1], count, jnp.zeros_like(count)))
+    bits = jax.random.bits(rng, (2, m), jnp.uint32)
+    return bits[0], bits[1]
+
+
+def _is_f32(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.float32
+
+
+def _uniform_from_words(words: jax.Array) -> jax.Array:
+    """float32 U[0, 1) on the grid k 2^-23 from the top 23 bits of uint32 words."""
+    return jax.lax.bitcast_convert_type((words >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+
+
+def _unit_circle_from_words(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) of a uniform angle, float32: quadrant j from the top two bits, r in [-pi/4, pi/4) from the
+    other 30, angle j pi/2 + r."""
+    j = words >> 30
+    r = ((words & jnp.uint32(0x3FFFFFFF)).astype(jnp.float32) * (2.0 ** -30) - 0.5) * (0.5 * math.pi)
+    r2 = r * r
+    sin_r = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880)))))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+    odd, neg = (j & 1) == 1, j >= 2
+    c, s = jnp.where(odd, -sin_r, cos_r), jnp.where(odd, cos_r, sin_r)  # rotate by j quarter turns
+    return jnp.where(neg, -c, c), jnp.where(neg, -s, s)
+
+
+def _normal_pair_from_words(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two independent float32 N(0, 1) arrays by Box-Muller from two arrays of words."""
+    rho = jnp.sqrt(-2.0 * jnp.log((a.astype(jnp.float32) + 0.5) * (2.0 ** -32)))
+    c, s = _unit_circle_from_words(b)
+    return rho * c, rho * s
+
+
+def _flat_concat(parts: tuple[jax.Array, ...], size: int) -> jax.Array:
+    return jnp.concatenate(jax.lax.optimization_barrier(parts))[:size]
+
+
+def _uniform(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """U[0, 1)."""
+    if not _is_f32(dtype):
+        return jax.random.uniform(rng, shape, dtype)
+    size = math.prod(shape)
+    parts = tuple(map(_uniform_from_words, _word_pairs(rng, (size + 1) // 2)))
+    return _flat_concat(parts, size).reshape(shape)
+
+
+def _normal(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """N(0, 1)."""
+    if not _is_f32(dtype):
+        return jax.random.normal(rng, shape, dtype)
+    size = math.prod(shape)
+    return _flat_concat(_normal_pair_from_words(*_word_pairs(rng, (size + 1) // 2)), size).reshape(shape)
+
+
+# d = 3: exact inverse CDF. p(w) = kappa e^{kappa w} / (2 sinh kappa), so at CDF level 1 - q (q ~ U[0, 1))
+#     1 - w = h = -log1p(-q m) / kappa = q psi(kappa) phi(q m),   m = -expm1(-2 kappa) = kappa psi(kappa),
+#     psi(kappa) = -expm1(-2 kappa) / kappa,   phi(x) = -log1p(-x) / x,
+# and sqrt(1 - w^2) = sqrt(h (2 - h)) = sqrt(q) sqrt(psi phi (2 - h)). psi and phi are evaluated by their
+# Taylor series near 0 (where the closed forms' derivatives cancel catastrophically in float32), so the
+# plain autodiff derivative at fixed q, which is the exact reparameterization gradient dw/dkappa at a fixed CDF
+# level, stays accurate down to kappa = 0, where w = 1 - 2q (the uniform distribution).
+_SERIES_CUT = 0.25
+_PHI_TERMS = 14   # sum_{k < 14} x^k / (k + 1): truncation < x^14 / 15 ~ 2.5e-10 at x = 0.25
+_PSI_TERMS = 10   # 2 sum_{k < 10} (-t)^k / (k + 1)!, t = 2 kappa: truncation < 2 t^10 / 11! ~ 5e-14 at t = 0.25
+
+
+def _phi(x: jax.Array) -> jax.Array:
+    """-log1p(-x) / x for x in [0, 1), with an accurate derivative everywhere."""
+    small = x < _SERIES_CUT
+    xs = jnp.where(small, x, 0.0)
+    xl = jnp.where(small, 0.5, x)
+    series = jnp.zeros_like(x)
+    for k in reversed(range(_PHI_TERMS)):
+        series = series * xs + 1.0 / (k + 1.0)
+    return jnp.where(small, series, -jnp.log1p(-xl) / xl)
+
+
+def _psi(kappa: jax.Array) -> jax.Array:
+    """-expm1(-2 kappa) / kappa (= 2 at kappa = 0), with an accurate derivative everywhere."""
+    t = 2.0 * kappa
+    small = t < _SERIES_CUT
+    ts = jnp.where(small, t, 0.0)
+    kl = jnp.where(small, 1.0, kappa)
+    series = jnp.zeros_like(t)
+    for k in reversed(range(_PSI_TERMS)):
+        series = series * (-ts) + 2.0 / math.factorial(k + 1)
+    return jnp.where(small, series, -jnp.expm1(-2.0 * kl) / kl)
+
+
+def _w_d3(kappa: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(w, sqrt(1 - w^2)) for d = 3 at CDF level 1 - q (see above); differentiable in kappa."""
+    m = -jnp.expm1(-2.0 * kappa)
+    hq = _psi(kappa) * _phi(q * m)  # h / q
+    h = q * hq
+    return 1.0 - h, jnp.sqrt(q) * _safe_sqrt(hq * (2.0 - h))
+
+
+def sample_w_d3(rng: jax.Array, kappa: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Exact inverse-CDF sampler for d = 3: (w, sqrt(1 - w^2)), each of `shape` (`kappa` broadcasts).
+
+    One uniform per sample, no rejection; w = 1 + log1p(q expm1(-2 kappa)) / kappa in forms stable at w -> 1,
+    kappa -> 0 and kappa -> inf. Its kappa-derivative at fixed q is the implicit-reparameterization derivative
+    (`w_kappa_derivative(3, ...)`)."""
+    kappa = _as_kappa(kappa)
+    return _w_d3(kappa, _uniform(rng, shape, kappa.dtype))
+
+
 def _wood_w(b: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
     """w and sqrt(1 - w^2) from Wood's proposal, in forms without cancellation near w = +-1:
     1 - w = 2 b eps / D, 1 + w = 2 (1 - eps) / D, D = 1 - (1 - b) eps."""
@@ -231,26 +374,206 @@ def _wood_b(d: int, kappa: jax.Array) -> jax.Array:
     return m1 / (2.0 * kappa + jnp.sqrt(4.0 * kappa * kappa + m1 * m1))
 
 
-_BETA_BY_NORMALS_MAX_D = 64
+def _wood_consts(d: int, kappa: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(b, c1, c0) with Wood's log acceptance ratio = c1 (1 - 2e) / D - (d - 1) log D + c0, D = 1 - (1 - b) e:
+    kappa (w - x0) + (d-1) [log(1 - x0 w) - log(1 - x0^2)], x0 = (1-b)/(1+b), where
+    w - x0 = 2b(1-2e) / ((1+b) D) and log(1 - x0 w) - log(1 - x0^2) = log(1+b) - log 2 - log D."""
+    b = _wood_b(d, kappa)
+    return b, 2.0 * kappa * b / (1.0 + b), (d - 1.0) * (jnp.log1p(b) - math.log(2.0))
 
 
-def _beta_symmetric(rng: jax.Array, d: int, shape: tuple[int, ...], dtype) -> jax.Array:
-    """eps ~ Beta((d-1)/2, (d-1)/2).
+def _wood_log_accept(d: int, consts, e: jax.Array) -> jax.Array:
+    b, c1, c0 = consts
+    den = 1.0 - (1.0 - b) * e
+    return c1 * (1.0 - 2.0 * e) / den - (d - 1.0) * jnp.log(den) + c0
 
-    For d <= 64 as (1 + g_1 / |g|) / 2 with g ~ N(0, I_d) (the first coordinate of a uniform point on
-    S^{d-1} has density oc (1 - u^2)^{(d-3)/2}), with 1 + g_1/|g| = |g_rest|^2 / (|g| (|g| - g_1)) when
-    g_1 < 0 so eps keeps its relative precision near 0; this compiles much faster than jax.random.beta's
-    gamma sampler. For larger d, jax.random.beta.
+
+def _clip_eps(e: jax.Array) -> jax.Array:
+    return jnp.clip(e, 1e-30, 1.0 - jnp.finfo(e.dtype).eps)
+
+
+def _eps_from_normal_ratio(z: jax.Array, q: jax.Array) -> jax.Array:
+    """eps = (1 + z / sqrt(z^2 + q)) / 2 ~ Beta((d-1)/2, (d-1)/2) when z ~ N(0, 1), q ~ chi^2_{d-1}
+    (z / |g| is the first coordinate of a uniform point on S^{d-1}); for z < 0 as q / (2 r (r - z)) so that
+    eps keeps its relative precision near 0 (w near 1)."""
+    r = jnp.maximum(jnp.sqrt(z * z + q), jnp.finfo(z.dtype).tiny)
+    return _clip_eps(jnp.where(z >= 0, (r + z) / (2.0 * r), q / (2.0 * r * (r - z))))
+
+
+def _log_u(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    return jnp.log(1.0 - _uniform(rng, shape, dtype))  # 1 - U[0, 1) is in (0, 1]
+
+
+def _beta_proposals(rng: jax.Array, d: int, size: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """`size` Wood proposals eps ~ Beta((d-1)/2, (d-1)/2) (before Wood's test) and their slack
+    log u - log r_MT, from three random numbers each (two normals and a uniform): a proposal is accepted iff
+    slack < Wood's log acceptance ratio of its eps (`_wood_log_accept`).
+
+    eps from `_eps_from_normal_ratio` with q = 2 G, G ~ Gamma((d-1)/2) by Marsaglia and Tsang (2000):
+    G = a' v, v = (1 + c x)^3, x ~ N(0, 1), a' = a - 1/3, c = 1/sqrt(9 a'), accepted with probability
+    r_MT = exp(x^2/2 + a' - a' v + a' log v) (needs a >= 1; slack = +inf where v <= 0). The gamma's and Wood's
+    tests are one rejection step with one uniform (accept iff log u < log r_MT + log r_Wood), which is exact:
+    the pair is kept with probability r_MT r_Wood, so the kept x is Marsaglia-Tsang's and the kept eps Wood's.
+    Neither eps nor the slack depends on kappa, so proposals for all redraw levels are made in one batch.
+    Four random words per proposal (z and x by Box-Muller from one threefry block, u from another).
+    d = 2 (a = 1/2): eps from two normals, slack = log u.
     """
-    if d > _BETA_BY_NORMALS_MAX_D:
-        a = 0.5 * (d - 1.0)
-        return jax.random.beta(rng, a, a, shape, dtype)
-    g = jax.random.normal(rng, (*shape, d), dtype)
-    g1 = g[..., 0]
-    rest2 = jnp.sum(g[..., 1:] ** 2, axis=-1)
-    r = jnp.sqrt(g1 * g1 + rest2)
-    r = jnp.maximum(r, jnp.finfo(dtype).tiny)
-    return jnp.where(g1 >= 0, (r + g1) / (2.0 * r), rest2 / (2.0 * r * (r - g1)))
+    if _is_f32(dtype):
+        k_zx, k_u = jax.random.split(rng)
+        z, x = _normal_pair_from_words(*_word_pairs(k_zx, size))
+        # the second word of each block is unused: splitting one block's words between two proposals would
+        # need a concatenate in the fused math (see the random-numbers comment)
+        log_u = jnp.log(1.0 - _uniform_from_words(_word_pairs(k_u, size)[0]))  # 1 - U[0, 1) is in (0, 1]
+    else:
+        k_n, k_u = jax.random.split(rng)
+        z, x = _normal(k_n, (2, size), dtype)
+        log_u = _log_u(k_u, (size,), dtype)
+    if d < 3:
+        return _eps_from_normal_ratio(z, x * x), log_u
+    a1 = 0.5 * (d - 1.0) - 1.0 / 3.0
+    y = x / math.sqrt(9.0 * a1)
+    ok = y > -1.0
+    y = jnp.where(ok, y, 0.0)
+    # log r_MT = x^2/2 + a'(1 - v + log v) with v = (1 + y)^3: 1 - v + log v = 3 (log1p(y) - y) - 3 y^2 - y^3
+    log_r_mt = 0.5 * x * x + a1 * (3.0 * (jnp.log1p(y) - y) - y * y * (3.0 + y))
+    e = _eps_from_normal_ratio(z, 2.0 * a1 * (1.0 + y) ** 3)
+    return e, jnp.where(ok, log_u - log_r_mt, jnp.inf)
+
+
+def _first_accepted(d: int, consts, e: jax.Array, slack: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Proposals [S, K] for S slots with per-slot consts [S]: the first accepted eps of each slot (in order),
+    and whether there was one."""
+    ok = slack < _wood_log_accept(d, tuple(c[:, None] for c in consts), e)
+    first = jnp.argmax(ok, axis=-1)
+    return jnp.take_along_axis(e, first[:, None], axis=-1)[:, 0], jnp.any(ok, axis=-1)
+
+
+# Rejected entries are redrawn without redrawing the accepted ones: they are gathered (in order) into a buffer
+# sized for the worst-case rejection rate (<= 0.345 for Wood's envelope, <= 0.38 with the Marsaglia-Tsang step,
+# over all (d, kappa)), each slot gets K proposals (the first accepted is kept), the buffer's own rejected slots
+# go to a smaller buffer, and so on (K = 1, 2, 4, 8, then 16), until under ~1e-3 entries are expected to be
+# left; those (and any buffer overflow, ~1e-9) get another round of the same. All levels' proposals are drawn
+# in one batch (`_beta_proposals`), so each level is a few gathers and scatters and compiles fast.
+# Total work ~0.8 N proposals plus ~1.6 N compaction steps, instead of N proposals per while_loop round.
+_REJECT_BOUND = 0.39
+_LEVEL_PROPOSALS = (1, 2, 4, 8)
+_LAST_PROPOSALS = 16
+_SMALL = 256
+
+
+def _redraw_levels(n: int) -> list[tuple[int, int]]:
+    """(buffer size, proposals per slot) of the redraw levels for n entries rejected with rate <= _REJECT_BOUND."""
+    levels: list[tuple[int, int]] = []
+    size, rate = n, _REJECT_BOUND
+    while size * rate > 1e-3 and size > _SMALL:
+        mean = rate * size
+        sub = min(size, int(math.ceil(mean + 6.0 * math.sqrt(mean))) + 16)
+        k = _LEVEL_PROPOSALS[len(levels)] if len(levels) < len(_LEVEL_PROPOSALS) and mean >= 100 else _LAST_PROPOSALS
+        levels.append((sub, k))
+        size, rate = sub, _REJECT_BOUND ** k
+    return levels
+
+
+def _prefix_count(mask: jax.Array) -> jax.Array:
+    """Inclusive cumulative count of a 1-D bool mask (int32), by blocks of 32 summed with a triangular matmul
+    (3-5x faster than jnp.cumsum on CPU; float32 counts are exact below 2^24, larger masks use jnp.cumsum)."""
+    n = mask.shape[0]
+    if n >= 2 ** 24:
+        return jnp.cumsum(mask, dtype=jnp.int32)
+    block = 32
+
+    def inclusive(x):
+        m = x.shape[0]
+        xb = jnp.pad(x, (0, -m % block)).reshape(-1, block)
+        within = xb @ jnp.triu(jnp.ones((block, block), jnp.float32))
+        if within.shape[0] > 1:
+            totals = within[:, -1]
+            within = within + (inclusive(totals) - totals)[:, None]
+        return within.reshape(-1)[:m]
+
+    return inclusive(mask.astype(jnp.float32)).astype(jnp.int32)
+
+
+def _compact(mask: jax.Array, size: int) -> jax.Array:
+    """Indices of mask's True entries in order, the first `size` of them, padded with len(mask)."""
+    n = mask.shape[0]
+    target = jnp.where(mask, _prefix_count(mask) - 1, size)  # positions >= size are dropped
+    return jnp.full((size,), n, jnp.int32).at[target].set(jax.lax.iota(jnp.int32, n), mode="drop")
+
+
+def _wood_fill(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, max_iters: int) -> jax.Array:
+    """Replace eps where ~done by accepted Wood draws (1-D arrays of N entries; consts are per-entry arrays).
+
+    One pass of the redraw levels (module comment above) is one while_loop round; a second round is needed
+    only where the last level still has rejected slots or a buffer overflowed (~1e-3 of calls)."""
+    n = eps.shape[0]
+    dtype = eps.dtype
+    levels = _redraw_levels(n) or [(n, _LAST_PROPOSALS)]
+
+    def cond(state):
+        _, done, it = state
+        return jnp.logical_and(~jnp.all(done), it < max_iters)
+
+    def body(state):
+        eps, done, it = state
+        pool_e, pool_slack = _beta_proposals(jax.random.fold_in(rng, it), d, sum(s * k for s, k in levels), dtype)
+        # down: compact the rejected entries of each buffer into the next; a level as large as the buffer
+        # above it (small n) takes all its entries in place and keeps the accepted ones
+        bufs = []  # (indices into the buffer above, eps, done) per level
+        above_consts, above_e, above_done, offset = consts, eps, done, 0
+        for size, k in levels:
+            m = above_done.shape[0]
+            idx = jax.lax.iota(jnp.int32, m) if size == m else _compact(~above_done, size)
+            valid = idx < m
+            idx_c = jnp.minimum(idx, m - 1)
+            lvl_consts = tuple(c[idx_c] for c in above_consts)
+            seg = slice(offset, offset + size * k)
+            offset += size * k
+            e, got = _first_accepted(d, lvl_consts, pool_e[seg].reshape(size, k), pool_slack[seg].reshape(size, k))
+            if size == m:
+                e, got = jnp.where(above_done, above_e, e), got | above_done
+            got = got | ~valid
+            bufs.append((idx, e, got))
+            above_consts, above_e, above_done = lvl_consts, e, got
+        # up: write each level's draws into the buffer above it (the top one is (eps, done))
+        for j in reversed(range(len(bufs))):
+            idx, e, got = bufs[j]
+            above_e, above_got = (eps, done) if j == 0 else bufs[j - 1][1:]
+            above = (above_e.at[idx].set(e, mode="drop"), above_got.at[idx].set(got, mode="drop"))
+            if j == 0:
+                eps, done = above
+            else:
+                bufs[j - 1] = (bufs[j - 1][0], *above)
+        return eps, done, it + 1
+
+    eps, _, _ = jax.lax.while_loop(cond, body, (eps, done, jnp.asarray(0)))
+    return eps
+
+
+def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], max_iters: int,
+              tangent_dtype=None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Accepted eps of `shape` (kappa broadcasts against it; no gradient). With `tangent_dtype`, the first proposal
+    is made from g ~ N(0, I_d) (eps from g_1 and |g_{2..d}|^2) and g, |g_{2..d}| are returned too: the
+    direction g_{2..d} / |g_{2..d}| is uniform on S^{d-2} and independent of |g_{2..d}| and g_1, hence of
+    every proposal's acceptance and of the accepted eps, so it serves as the sample's tangent direction."""
+    dtype = kappa.dtype
+    size = math.prod(shape)
+    # constants from the (usually much smaller) un-broadcast kappa, then broadcast per entry
+    consts = tuple(jnp.broadcast_to(c, shape).reshape(-1) for c in _wood_consts(d, kappa))
+    k_first, k_rest = jax.random.split(rng)
+    y = y_norm = None
+    if tangent_dtype is None:
+        e, slack = _beta_proposals(k_first, d, size, dtype)
+    else:
+        k_g, k_u = jax.random.split(k_first)
+        g = _normal(k_g, (*shape, d), tangent_dtype)
+        rest2 = (g * g) @ (jnp.arange(d) > 0).astype(g.dtype)  # |g_{2..d}|^2 (matvec: see _from_north_pole)
+        y, y_norm = g, jnp.sqrt(rest2)
+        e = _eps_from_normal_ratio(g[..., 0].astype(dtype), rest2.astype(dtype)).reshape(-1)
+        slack = _log_u(k_u, (size,), dtype)
+    ok = slack < _wood_log_accept(d, consts, e)
+    eps = _wood_fill(k_rest, d, consts, e, ok, max_iters)
+    return eps.reshape(shape), y, y_norm
 
 
 _QUAD_NODES = 48
@@ -309,37 +632,16 @@ def sample_w_wood(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ..
                   max_iters: int = 1000) -> tuple[jax.Array, jax.Array]:
     """Wood's (1994) rejection sampler for w = <mu, x>: returns (w, sqrt(1 - w^2)), each of `shape`.
 
-    `kappa` broadcasts against `shape` (e.g. kappa [B] with shape (n, B)). The rejection loop is one
-    `lax.while_loop` over all entries; its expected number of rounds is below ~1.5 for every (d, kappa).
+    `kappa` broadcasts against `shape` (e.g. kappa [B] with shape (n, B)). Every entry gets one proposal;
+    the rejected ones (at most ~35%) are redrawn in compacted, shrinking buffers (`_wood_fill`), ~0.8 N
+    proposals in all instead of N per while_loop round. Each proposal costs three random numbers (eps from a
+    normal and a Marsaglia-Tsang chi-square, one uniform for the joint acceptance test).
     Differentiable w.r.t. kappa by implicit reparameterization (exact dw/dkappa per sample, module doc).
     """
     d = _check_dim(d)
-    kappa = jnp.broadcast_to(_as_kappa(kappa), shape)
-    dtype = kappa.dtype
-    b_sg = _wood_b(d, jax.lax.stop_gradient(kappa))
-    k_sg = jax.lax.stop_gradient(kappa)
-    tiny = jnp.finfo(dtype).tiny
-
-    def cond(state):
-        _, _, done, it = state
-        return jnp.logical_and(~jnp.all(done), it < max_iters)
-
-    def body(state):
-        key, eps, done, it = state
-        key, k_beta, k_u = jax.random.split(key, 3)
-        e = jnp.clip(_beta_symmetric(k_beta, d, shape, dtype), 1e-30, 1.0 - jnp.finfo(dtype).eps)
-        u = jax.random.uniform(k_u, shape, dtype, minval=tiny, maxval=1.0)
-        den = 1.0 - (1.0 - b_sg) * e
-        # log accept ratio: kappa (w - x0) + (d-1) [log(1-x0 w) - log(1-x0^2)], x0 = (1-b)/(1+b), with
-        # w - x0 = 2b(1-2e) / ((1+b) den) and log(1-x0 w) - log(1-x0^2) = log(1+b) - log 2 - log den
-        t = (k_sg * 2.0 * b_sg * (1.0 - 2.0 * e) / ((1.0 + b_sg) * den)
-             + (d - 1.0) * (jnp.log1p(b_sg) - math.log(2.0) - jnp.log(den)))
-        accept = (t >= jnp.log(u)) & ~done
-        return key, jnp.where(accept, e, eps), done | accept, it + 1
-
-    init = (rng, jnp.full(shape, 0.5, dtype), jnp.zeros(shape, bool), jnp.asarray(0))
-    _, eps, _, _ = jax.lax.while_loop(cond, body, init)
-    return _wood_w_implicit(d, kappa, jax.lax.stop_gradient(eps))
+    kappa = _as_kappa(kappa)
+    eps, _, _ = _wood_eps(rng, d, jax.lax.stop_gradient(kappa), shape, max_iters)
+    return _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), jax.lax.stop_gradient(eps))
 
 
 def make_inverse_cdf_table(d: int, kappa: float, size: int = 1 << 16, grid: int = 1 << 20) -> np.ndarray:
@@ -370,7 +672,7 @@ def sample_w_table(rng: jax.Array, table: jax.Array, shape: tuple[int, ...]) -> 
     `table` (from `make_inverse_cdf_table`) at u ~ U[0, 1)."""
     table = jnp.asarray(table, dtype=jnp.result_type(float))
     size = table.shape[0] - 1
-    pos = jax.random.uniform(rng, shape, table.dtype) * size
+    pos = _uniform(rng, shape, table.dtype) * size
     idx = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, size - 1)
     frac = pos - idx
     theta = table[idx] * (1.0 - frac) + table[idx + 1] * frac
@@ -379,29 +681,103 @@ def sample_w_table(rng: jax.Array, table: jax.Array, shape: tuple[int, ...]) -> 
 
 def tangent_direction(rng: jax.Array, mu: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """nu = normalize(eps - <eps, mu> mu), eps ~ N(0, I): uniform on the unit sphere orthogonal to mu.
-    `shape` is the batch shape of the result ([*shape, d]); mu [..., d] broadcasts against it."""
-    eps = jax.random.normal(rng, (*shape, mu.shape[-1]), mu.dtype)
+    `shape` is the batch shape of the result ([*shape, d]); mu [..., d] broadcasts against it.
+    (`sample` instead rotates a direction drawn around the north pole: `_from_north_pole`.)"""
+    eps = _normal(rng, (*shape, mu.shape[-1]), mu.dtype)
     nu = eps - jnp.sum(eps * mu, axis=-1, keepdims=True) * mu
     return nu / _safe_sqrt(jnp.sum(nu * nu, axis=-1, keepdims=True))
 
 
+def _from_north_pole(mu: jax.Array, w: jax.Array, s_over_norm: jax.Array, g: jax.Array) -> jax.Array:
+    """x = w mu + (s / |y|) R (0, y) for y = g[..., 1:] (any nonzero vector; g[..., 0] is ignored;
+    s_over_norm = s / |y|), where R = -sigma (I - 2 v v^T / |v|^2), v = e_1 + sigma mu, sigma = sign(mu_1),
+    is the orthogonal map (a reflection, up to sign) with R e_1 = mu; the sign choice keeps
+    |v|^2 = 2 (1 + |mu_1|) >= 2, so it has no singularity (SciPy rotates by a QR factor for the same purpose).
+    R (0, y) = k v - sigma (0, y) with k = 2 <mu_rest, y> / |v|^2: O(d) per sample, one pass over g.
+    A uniform direction y / |y| maps to a uniform direction orthogonal to mu, and x is differentiable in mu
+    (sigma is locally constant)."""
+    d = mu.shape[-1]
+    tail = (jnp.arange(d) > 0).astype(mu.dtype)  # (0, 1, ..., 1)
+    sigma = jnp.where(mu[..., :1] >= 0, 1.0, -1.0).astype(mu.dtype)
+    v = jnp.where(tail > 0, sigma * mu, 1.0 + sigma * mu[..., :1])
+    c = mu * tail * (2.0 / jnp.sum(v * v, axis=-1, keepdims=True))
+    # <c, g> as a matrix-vector product: a sum over a short minor axis vectorizes badly on CPU
+    k = (g * c) @ jnp.ones((d,), g.dtype)
+    return w[..., None] * mu + s_over_norm[..., None] * (k[..., None] * v - sigma * (g * tail))
+
+
+def _circle(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """(0, cos theta, sin theta), [*shape, 3], theta uniform: for `_from_north_pole` with d = 3."""
+    if _is_f32(dtype):
+        c, s = _unit_circle_from_words(_word_pairs(rng, math.prod(shape))[0])
+        c, s = c.reshape(shape), s.reshape(shape)
+    else:
+        theta = (2.0 * math.pi) * jax.random.uniform(rng, shape, dtype)
+        c, s = jnp.cos(theta), jnp.sin(theta)
+    return jnp.stack([jnp.zeros_like(c), c, s], axis=-1)
+
+
+def _sample_d3(rng: jax.Array, kappa: jax.Array, shape: tuple[int, ...], dtype):
+    """(w, sqrt(1 - w^2), (0, cos theta, sin theta)) for d = 3 from one threefry block per sample in float32."""
+    if not (_is_f32(dtype) and _is_f32(kappa.dtype)):
+        k_w, k_nu = jax.random.split(rng)
+        return (*sample_w_d3(k_w, kappa, shape), _circle(k_nu, shape, dtype))
+    a, b = _word_pairs(rng, math.prod(shape))
+    c, s = _unit_circle_from_words(b)
+    w, sw = _w_d3(kappa, _uniform_from_words(a).reshape(shape))
+    return w, sw, jnp.stack([jnp.zeros(shape, dtype), c.reshape(shape), s.reshape(shape)], axis=-1)
+
+
+_CHUNK_FLOATS = 1 << 18  # sample in chunks of about this many output floats (1 MiB in float32)
+
+
 def sample(rng: jax.Array, mu_BxD: jax.Array, kappa_B: jax.Array, n: int,
-           table: jax.Array | None = None) -> jax.Array:
-    """n reparameterized vMF samples [n, B, d]: Wood's sampler, or Su's table sampler if `table` is given
-    (a table built for this d and the model's fixed kappa; `kappa_B` is then only used by log_prob)."""
+           table: jax.Array | None = None, max_iters: int = 1000) -> jax.Array:
+    """n reparameterized vMF samples [n, B, d].
+
+    w = <mu, x>: the exact inverse CDF for d = 3 (`sample_w_d3`), Wood's sampler otherwise, or Su's table sampler
+    if `table` is given (a table built for this d and the model's fixed kappa; `kappa_B` is then only used by
+    log_prob). The tangent part is a uniform direction around the north pole e_1 (one angle for d = 3; for
+    Wood's sampler the normals of its first proposal) mapped to mu by `_from_north_pole`.
+    Large n is drawn in chunks of ~2^18 output floats by `lax.map` (independent keys per chunk), so that the
+    intermediates stay in cache: on CPU this is up to 2x faster at n = 10^6 than one pass over everything."""
     if mu_BxD.ndim < 1:
         raise ShapeError(f"mu must be [..., d] unit vectors, got shape {mu_BxD.shape}")
     d = mu_BxD.shape[-1]
     batch = mu_BxD.shape[:-1]
+    rows = max(1024, _CHUNK_FLOATS // max(1, math.prod(batch) * (d + 2)))
+    if n < 2 * rows:
+        return _sample(rng, mu_BxD, kappa_B, n, table, max_iters)
+    chunks = -(-n // rows)
+    per = -(-n // chunks)
+    out = jax.lax.map(lambda key: _sample(key, mu_BxD, kappa_B, per, table, max_iters), jax.random.split(rng, chunks))
+    return out.reshape(chunks * per, *batch, d)[:n]
+
+
+def _sample(rng: jax.Array, mu_BxD: jax.Array, kappa_B: jax.Array, n: int, table: jax.Array | None,
+            max_iters: int) -> jax.Array:
+    d = mu_BxD.shape[-1]
+    batch = mu_BxD.shape[:-1]
     shape = (n, *batch)
+    dtype = mu_BxD.dtype
     k_w, k_nu = jax.random.split(rng)
     if table is None:
-        w, s = sample_w_wood(k_w, d, jnp.broadcast_to(_as_kappa(kappa_B), batch), shape)
+        kappa = jnp.broadcast_to(_as_kappa(kappa_B), batch)
+        if d == 3:
+            w, s_over_norm, y = _sample_d3(rng, kappa, shape, dtype)
+        else:
+            eps, y, y_norm = _wood_eps(k_w, d, jax.lax.stop_gradient(kappa), shape, max_iters, tangent_dtype=dtype)
+            w, s = _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), jax.lax.stop_gradient(eps))
+            s_over_norm = s / jnp.maximum(y_norm, jnp.finfo(dtype).tiny)
     else:
         w, s = sample_w_table(k_w, table, shape)
-        w, s = w.astype(mu_BxD.dtype), s.astype(mu_BxD.dtype)
-    nu = tangent_direction(k_nu, mu_BxD, shape)
-    return w[..., None] * mu_BxD + s[..., None] * nu
+        if d == 3:
+            y, s_over_norm = _circle(k_nu, shape, dtype), s
+        else:
+            y = _normal(k_nu, (*shape, d), dtype)
+            s_over_norm = s / _safe_sqrt((y * y) @ (jnp.arange(d) > 0).astype(dtype))
+    w, s_over_norm = w.astype(dtype), s_over_norm.astype(dtype)
+    return _from_north_pole(mu_BxD, w, s_over_norm, y)
 
 
 @struct.dataclass
