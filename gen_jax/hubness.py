@@ -42,6 +42,34 @@ __all__ = ["k_occurrence", "hub_mask", "sample_hub_latents"]
 _METRICS = ("l2", "cosine")
 
 
+_GROUP = 128  # candidates per group in the two-stage selection of `_smallest_k`
+
+
+def _smallest_k(d_bxB: jax.Array, kidx_B: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k smallest entries of each row and their indices (all of them when a row is shorter), ties to the
+    lower index.
+
+    lax.top_k over a whole row of a key block costs several times the distance matmul on CPU. When the row
+    splits into groups of _GROUP, the k smallest entries lie in the k groups with the smallest minima (a group
+    outside them has k group minima below its own minimum, i.e. k entries below each of its entries), so we take
+    the group minima (one vectorized pass), top_k over them, and top_k over those k groups only. The chosen
+    groups are put back in index order so that top_k's "earlier position wins" still means "lower index wins"."""
+    b, width = d_bxB.shape
+    num_groups = width // _GROUP
+    if width <= k:  # nothing to select: all of them are candidates
+        return d_bxB, jnp.broadcast_to(kidx_B, (b, width))
+    if width % _GROUP or num_groups <= k:
+        neg_d, pos = jax.lax.top_k(-d_bxB, k)
+        return -neg_d, jnp.take_along_axis(jnp.broadcast_to(kidx_B, (b, width)), pos, axis=1)
+    d_bxGxg = d_bxB.reshape(b, num_groups, _GROUP)
+    _, groups_bxk = jax.lax.top_k(-jnp.min(d_bxGxg, axis=-1), k)
+    groups_bxk = jnp.sort(groups_bxk, axis=1)
+    sub_d = jnp.take_along_axis(d_bxGxg, groups_bxk[:, :, None], axis=1).reshape(b, k * _GROUP)
+    sub_pos = (groups_bxk[:, :, None] * _GROUP + jnp.arange(_GROUP, dtype=jnp.int32)).reshape(b, k * _GROUP)
+    neg_d, pos = jax.lax.top_k(-sub_d, k)
+    return -neg_d, kidx_B[jnp.take_along_axis(sub_pos, pos, axis=1)]
+
+
 def _block_neighbours(q_bxD: jax.Array, qidx_b: jax.Array, keys_KbxBkxD: jax.Array, ksq_KbxBk: jax.Array,
                       n: int, k: int, include_self: bool) -> jax.Array:
     """Indices [b, k] of each query's k nearest valid keys, ties to the lower index."""
@@ -51,14 +79,16 @@ def _block_neighbours(q_bxD: jax.Array, qidx_b: jax.Array, keys_KbxBkxD: jax.Arr
     def merge(carry, xs):
         best_d_bxk, best_i_bxk = carry
         keys_BkxD, ksq_Bk, start = xs
-        kidx_Bk = start + jnp.arange(key_block)
+        kidx_Bk = start + jnp.arange(key_block, dtype=jnp.int32)
         d_bxBk = ksq_Bk[None, :] - 2.0 * jnp.einsum("bd,kd->bk", q_bxD, keys_BkxD,
                                                     precision=jax.lax.Precision.HIGHEST)
         d_bxBk = jnp.where(kidx_Bk[None, :] >= n, jnp.inf, d_bxBk)  # padding
         is_self = kidx_Bk[None, :] == qidx_b[:, None]
         d_bxBk = jnp.where(is_self, -jnp.inf if include_self else jnp.inf, d_bxBk)
-        cand_d = jnp.concatenate([best_d_bxk, d_bxBk], axis=1)
-        cand_i = jnp.concatenate([best_i_bxk, jnp.broadcast_to(kidx_Bk, (b, key_block))], axis=1)
+        new_d_bxk, new_i_bxk = _smallest_k(d_bxBk, kidx_Bk, k)
+        # earlier key blocks hold lower indices, so listing the running best first keeps ties to the lower index
+        cand_d = jnp.concatenate([best_d_bxk, new_d_bxk], axis=1)
+        cand_i = jnp.concatenate([best_i_bxk, new_i_bxk], axis=1)
         neg_d, pos = jax.lax.top_k(-cand_d, k)
         return (-neg_d, jnp.take_along_axis(cand_i, pos, axis=1)), None
 
@@ -141,6 +171,8 @@ def k_occurrence(points_NxD: jax.Array, k: int = 5, *, include_self: bool = Fals
     devices = 1 if mesh is None else mesh.size
     block = min(block_size, math.ceil(n / devices))
     key_block = n if key_block_size is None else min(key_block_size, n)
+    if key_block > _GROUP * k:  # whole groups for `_smallest_k` (padding keys are never chosen)
+        key_block = math.ceil(key_block / _GROUP) * _GROUP
     return _k_occurrence(jnp.asarray(points_NxD), k=k, include_self=include_self, block_size=block,
                          key_block_size=key_block, metric=metric, mesh=mesh)
 

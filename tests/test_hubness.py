@@ -60,6 +60,29 @@ def test_ties_go_to_the_lower_index():
                                       _brute_force(grid, 3))
 
 
+def test_grouped_selection_of_large_key_blocks_keeps_exactness_and_ties():
+    # key blocks of >= 128 (k + 1) candidates take the two-stage (group minima, then k groups) selection
+    lattice = np.array([[i, j] for i in range(40) for j in range(36)], np.float32)  # 1,440 points, many ties
+    lattice = lattice[np.random.RandomState(2).permutation(len(lattice))]
+    expected = _brute_force(lattice, 5)
+    for block, key_block in ((256, 1024), (1000, None), (64, 700)):
+        np.testing.assert_array_equal(
+            k_occurrence(lattice, 5, block_size=block, key_block_size=key_block), expected)
+    np.testing.assert_array_equal(k_occurrence(lattice, 4, include_self=True, key_block_size=768),
+                                  _brute_force(lattice, 4, include_self=True))
+
+
+def test_smallest_k_equals_a_full_top_k_with_ties_to_the_lower_index():
+    from gen_jax.hubness import _smallest_k
+    rows = jax.random.randint(jax.random.key(0), (64, 2048), 0, 50).astype(jnp.float32)  # heavy ties
+    rows = rows.at[:, 100:300].set(jnp.inf)
+    idx = 5000 + jnp.arange(2048, dtype=jnp.int32)
+    d, i = _smallest_k(rows, idx, 6)
+    neg, pos = jax.lax.top_k(-rows, 6)
+    np.testing.assert_array_equal(d, -neg)
+    np.testing.assert_array_equal(i, idx[pos])
+
+
 def test_cosine_metric(points):
     np.testing.assert_array_equal(k_occurrence(points, 4, metric="cosine", block_size=100),
                                   _brute_force(points, 4, cosine=True))
