@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gen_jax.errors import ConfigError, ShapeError
-from gen_jax.nn.rope import apply_rope
+from gen_jax.nn.rope import rope_angles
 
 _NEG = -1e30  # finite, so a fully masked row gives a uniform softmax rather than NaN
 
@@ -154,16 +154,17 @@ class RoFormerLayer(nnx.Module):
         self.ffn_out = _dense(cfg.intermediate_size, d, cfg, rngs)
         self.ffn_norm = _norm(d, cfg, rngs)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index, rng: _RngStream):
+    def __call__(self, x_BxTxD, rope, mask_BxTxS, kv_cache, cache_index, rng: _RngStream):
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
-        split = lambda y: y.reshape(B, T, cfg.num_heads, cfg.head_dim)
-        pos_BxTx1 = positions_BxT[:, :, None]  # broadcast over heads of [B, T, N, H]
-        q_BxTxNxH = apply_rope(split(self.query(x_BxTxD)), pos_BxTx1)
-        k_BxTxNxH = apply_rope(split(self.key(x_BxTxD)), pos_BxTx1)
-        v_BxTxNxH = split(self.value(x_BxTxD))
+        N, H = cfg.num_heads, cfg.head_dim
+        # q, k (and v with rotary_value) come out in each head's half layout (see _half_layout): RoPE then
+        # needs contiguous halves only, and q.k is unchanged because q and k share the permutation.
+        q_BxTxNxH = _rope_half(self._project(self.query, x_BxTxD, True).reshape(B, T, N, H), *rope)
+        k_BxTxNxH = _rope_half(self._project(self.key, x_BxTxD, True).reshape(B, T, N, H), *rope)
+        v_BxTxNxH = self._project(self.value, x_BxTxD, cfg.rotary_value).reshape(B, T, N, H)
         if cfg.rotary_value:
-            v_BxTxNxH = apply_rope(v_BxTxNxH, pos_BxTx1)
+            v_BxTxNxH = _rope_half(v_BxTxNxH, *rope)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxNxH.astype(k_cache.dtype),
@@ -179,11 +180,63 @@ class RoFormerLayer(nnx.Module):
         probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1)
         probs_BxNxTxS = _dropout(probs_BxNxTxS, cfg.attention_dropout_rate, rng())
         ctx_BxTxNxH = jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
-        attn_BxTxD = self.attn_out(ctx_BxTxNxH.reshape(B, T, cfg.hidden_size))
+        ctx_BxTxD = ctx_BxTxNxH.reshape(B, T, cfg.hidden_size)
+        if cfg.rotary_value:  # ctx is in the half layout too: permute attn_out's input rows to match
+            attn_BxTxD = self._project(self.attn_out, ctx_BxTxD, True, rows=True)
+        else:
+            attn_BxTxD = self.attn_out(ctx_BxTxD)
         x_BxTxD = self.attn_norm(x_BxTxD + _dropout(attn_BxTxD, cfg.dropout_rate, rng()))
-        h_BxTxF = jax.nn.gelu(self.ffn_in(x_BxTxD), approximate=False)
+        h_BxTxF = _gelu(self.ffn_in(x_BxTxD))
         y_BxTxD = _dropout(self.ffn_out(h_BxTxF), cfg.dropout_rate, rng())
         return self.ffn_norm(x_BxTxD + y_BxTxD), new_cache
+
+    def _project(self, lin: nnx.Linear, x, half: bool, rows: bool = False):
+        """`lin(x)`, with the kernel's output columns (or input rows) in the half layout when `half`."""
+        if not half:
+            return lin(x)
+        w, b = lin.kernel[...], lin.bias[...]
+        N, H = self.cfg.num_heads, self.cfg.head_dim
+        if rows:
+            w = _half_layout(w.T, N, H).T
+        else:
+            w, b = _half_layout(w, N, H), _half_layout(b, N, H)
+        dtype = lin.dtype or jnp.result_type(x, w, b)  # as nnx.Linear promotes
+        return jnp.dot(x.astype(dtype), w.astype(dtype)) + b.astype(dtype)
+
+
+def _half_layout(w_xxD, num_heads: int, head_dim: int):
+    """Reorder the last axis within each head from interleaved pairs (0,1),(2,3).. to halves (0,2,..|1,3,..).
+
+    RoPE rotates the pairs (2i, 2i+1) of the checkpoint layout; in the half layout the same rotation pairs
+    i with i + H/2, which slices contiguously (strided slices and the stack back cost copies on XLA:CPU).
+    """
+    lead = w_xxD.shape[:-1]
+    w = w_xxD.reshape(*lead, num_heads, head_dim // 2, 2)
+    return jnp.swapaxes(w, -1, -2).reshape(*lead, num_heads * head_dim)
+
+
+def _rope_tables(positions_BxT: jax.Array, head_dim: int):
+    """cos and sin [B, T, 1, H/2] of the RoPE angles, computed once for all layers.
+
+    The barrier keeps XLA from fusing sin/cos into every consumer, which recomputed them per head, per
+    layer, for q and k, forward and backward.
+    """
+    angles = rope_angles(positions_BxT, head_dim)[:, :, None]
+    return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+
+
+def _rope_half(x_BxTxNxH, cos, sin):
+    """RoPE in the half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in float32 (as apply_rope)."""
+    h = x_BxTxNxH.shape[-1] // 2
+    xf = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = xf[..., :h], xf[..., h:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+
+
+def _gelu(x):
+    """Exact GELU as torch computes it, x/2 (1 + erf(x / sqrt 2)): XLA's erf is far cheaper than the erfc of
+    jax.nn.gelu(approximate=False), and it matches HF to rounding."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class RoFormer(nnx.Module):
@@ -273,10 +326,11 @@ class RoFormer(nnx.Module):
             if mask.shape != (B, T, S):
                 raise ShapeError(f"attention mask {mask.shape} must be [B, T, S] = {(B, T, S)} with a cache")
 
+        rope = _rope_tables(positions_BxT, cfg.head_dim)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            x, kv = layer(x, positions_BxT, mask, kv, cache_index, rng)
+            x, kv = layer(x, rope, mask, kv, cache_index, rng)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -294,7 +348,7 @@ class RoFormer(nnx.Module):
         """MLM head: LN(gelu(Dense(h))) @ word_embeddings^T + bias, float32 logits [B, T, V]."""
         if self.mlm_dense is None:
             raise ConfigError("this RoFormer has no MLM head; build it with RoFormerConfig(with_mlm=True)")
-        h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(hidden_BxTxD), approximate=False))
+        h = self.mlm_norm(_gelu(self.mlm_dense(hidden_BxTxD)))
         emb_VxE = self.word_embeddings.embedding[...]
         logits = jnp.einsum("...e,ve->...v", h, emb_VxE.astype(h.dtype), preferred_element_type=jnp.float32)
         return logits + self.mlm_bias[...].astype(jnp.float32)
