@@ -1,5 +1,7 @@
 """benchmarks/ddpm_speed.py: the peer U-Nets it times are built with our layout (parameter counts equal,
-checked against diffusers itself), and the smallest end-to-end run produces a report and JSON."""
+checked against diffusers itself), and the smallest end-to-end run produces a report and JSON.
+benchmarks/flash_vs_pytorch.py: FLASH-pytorch's parameter count differs from ours by its extras only, and a
+quick run produces a report and JSON (skipped where the peer is not installed)."""
 import functools
 import json
 import os
@@ -10,11 +12,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `benchmarks`
 
 torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+try:
+    import diffusers
+except ImportError:
+    diffusers = None
+needs_diffusers = pytest.mark.skipif(diffusers is None, reason="diffusers is not installed")
 
 from flax import nnx  # noqa: E402
 
-from benchmarks import ddpm_speed  # noqa: E402
+from benchmarks import ddpm_speed, flash_vs_pytorch  # noqa: E402
 from gen_jax.ddpm import count_params  # noqa: E402
 from gen_jax.ddpm.training import build_unet  # noqa: E402
 
@@ -31,12 +37,14 @@ def _diffusers_params(cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@needs_diffusers
 @pytest.mark.parametrize("name", ["tiny", "mnist", "cifar10"])
 def test_diffusers_peer_has_exactly_our_parameter_count(name):
     cfg = ddpm_speed.bench_config(name)
     assert _diffusers_params(cfg) == _ours_params(name)
 
 
+@needs_diffusers
 def test_cifar10_peer_is_the_published_ddpm_cifar10_layout():
     # google/ddpm-cifar10-32's UNet2DModel config (the paper's model ported by diffusers) and the paper's 35.7M.
     kw = ddpm_speed.diffusers_unet_kwargs(ddpm_speed.bench_config("cifar10"))
@@ -47,11 +55,13 @@ def test_cifar10_peer_is_the_published_ddpm_cifar10_layout():
     assert _ours_params("cifar10") == 35_746_307
 
 
+@needs_diffusers
 def test_benchmark_config_computes_in_float32_without_warmup():
     cfg = ddpm_speed.bench_config("cifar10")  # the preset itself is bfloat16 with 5000 warmup steps
     assert cfg.train.compute_dtype == "float32" and cfg.train.warmup_steps == 0
 
 
+@needs_diffusers
 def test_lucidrains_import_reports_and_leaves_no_stubs_behind():
     unet_cls, note = ddpm_speed.import_lucidrains_unet()
     assert isinstance(note, str) and note
@@ -65,6 +75,7 @@ def test_lucidrains_import_reports_and_leaves_no_stubs_behind():
             assert model(x, torch.tensor([0, 5])).shape == x.shape
 
 
+@needs_diffusers
 @pytest.mark.slow
 def test_smallest_run_writes_a_table_and_json(tmp_path, capsys):
     out = tmp_path / "ddpm_speed.json"
@@ -82,3 +93,37 @@ def test_smallest_run_writes_a_table_and_json(tmp_path, capsys):
     full = {s["method"]: (s["ours"]["timed_steps"], s["ours"]["full_steps"]) for s in saved["sampling"]}
     assert full == {"ancestral": (2, tiny.diffusion.timesteps), "ddim": (2, tiny.eval.ddim_steps)}
     assert res["machine"]["usable_cores"] >= 1
+
+
+@pytest.mark.parametrize("argv", [[], ["--quick"]])
+def test_flash_peer_has_our_params_plus_its_extras(argv):
+    pytest.importorskip("flash_pytorch")
+    args = flash_vs_pytorch.parse_args(argv)
+    kw = flash_vs_pytorch.peer_kwargs(args)
+    assert (kw["causal"], kw["shift_tokens"], kw["laplace_attn_fn"], kw["norm_type"]) == (True, False, False,
+                                                                                        "scalenorm")
+    ours = flash_vs_pytorch.count_params(nnx.eval_shape(
+        lambda: flash_vs_pytorch.build(flash_vs_pytorch.ours_config(args))))
+    peer = flash_vs_pytorch.peer_params(flash_vs_pytorch.build_peer(args))
+    # T5 relative-position bias (32 per layer), LayerNorm head (2d, ours ScaleNorm 1), head bias (V),
+    # absolute-position scale (1)
+    assert peer - ours == 32 * args.layers + 2 * args.d_model + args.vocab
+
+
+def test_flash_quick_run_writes_a_table_and_json(tmp_path, capsys):
+    pytest.importorskip("flash_pytorch")
+    out = tmp_path / "flash.json"
+    threads = torch.get_num_threads()
+    try:
+        res = flash_vs_pytorch.main(["--quick", "--no-compile", "--lengths", "32", "--warmup", "0", "--steps", "1",
+                                     "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main() pins torch to 1 thread
+    printed = capsys.readouterr().out
+    assert "| T | B | ours ms/step |" in printed and "Params: ours" in printed
+    row = json.loads(out.read_text())["rows"][0]
+    assert (row["length"], row["batch"], row["peer_best"]) == (32, 4, "eager")
+    assert row["ratio"] == pytest.approx(row["ours"]["tokens_per_s"] / row["peer_eager"]["tokens_per_s"])
+    assert row["ratio_cpu"] == pytest.approx(row["peer_eager"]["cpu_s"] / row["ours"]["cpu_s"])
+    assert abs(row["ours"]["loss_first"] - 5.545) < 0.1  # ~ln 256 at our 0.02-std init
+    assert res["params"]["peer"] > res["params"]["ours"]
