@@ -6,8 +6,10 @@ quadratic attention and (b) every completed chunk h < g only through the state s
     kv_sum   [S, E]  sum of k^lin v^T over completed chunks (float32)
     kv_chunk [S, E]  the same sum over the current, unfinished chunk (moved into kv_sum when it completes)
     k_quad   [C, S], v [C, E]  the current chunk's quadratic keys and values (slot = position mod C)
-plus one shared position counter. A step costs O(C (S + E) + S E) per layer whatever the position: the
-state never grows with T (the paper's O(b (n/C) s e) training memory drops to O(b s e) when decoding).
+plus one shared position counter. The key axis S of kv_sum / kv_chunk / k_quad is in the GAU's RoPE half
+layout (`gen_jax.flash.gau.half_layout`), the layout `GAU.project` gives both here and in `prefill`.
+A step costs O(C (S + E) + S E) per layer whatever the position: the state never grows with T (the paper's
+O(b (n/C) s e) training memory drops to O(b s e) when decoding).
 
 Exactness: every normalizer of `chunk_attention` depends only on the query's prefix (n = pos + 1, local
 count = pos mod C + 1) or on a constant, so `decode_step` reproduces the parallel forward pass up to float
@@ -20,13 +22,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
 from gen_jax.errors import ConfigError, ShapeError
 from gen_jax.flash.chunk_attention import mixed_chunk_attention, relu2_weights, softmax_plus_weights
 from gen_jax.flash.configs import FlashConfig
-from gen_jax.flash.gau import compute_dtype
+from gen_jax.flash.gau import compute_dtype, rope_tables
 from gen_jax.flash.models import FlashLM
 
 
@@ -66,9 +69,10 @@ def decode_step(model: FlashLM, cache: dict, token_B: jax.Array) -> tuple[jax.Ar
     visible_1xC = (jnp.arange(C) <= slot)[None]
     done = slot == C - 1
     x = model.embed(token_B[:, None])
+    rope = rope_tables(pos[None, None], S, cfg.rope_base)
     new: dict[str, list[jax.Array]] = {"kv_sum": [], "kv_chunk": [], "k_quad": [], "v": []}
     for i, layer in enumerate(model.layers):
-        p = layer.project(x, pos[None, None])
+        p = layer.project(x, rope=rope)
         q_quad, k_quad, q_lin, k_lin = (t[:, 0] for t in p.qk)
         v_BxE = p.v[:, 0]
         kq_BxCxS = jax.lax.dynamic_update_slice_in_dim(
@@ -112,11 +116,11 @@ def prefill(model: FlashLM, prompt_BxP: jax.Array) -> tuple[jax.Array, dict]:
     C = cfg.chunk_size
     full = (P // C) * C  # tokens in completed chunks
     cache = init_cache(cfg, B)
-    positions = jnp.arange(P)[None]
+    rope = rope_tables(np.arange(P)[None], cfg.key_size, cfg.rope_base)
     x = model.embed(prompt_BxP)
     new: dict[str, list[jax.Array]] = {"kv_sum": [], "kv_chunk": [], "k_quad": [], "v": []}
     for i, layer in enumerate(model.layers):
-        p = layer.project(x, positions)
+        p = layer.project(x, rope=rope)
         q_quad, k_quad, q_lin, k_lin = p.qk
         attn = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, p.v, chunk_size=C, causal=True,
                                      normalizer=cfg.normalizer, norm_const=cfg.attn_const)

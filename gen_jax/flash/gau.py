@@ -9,6 +9,9 @@ ICML 2022, sec. 2, eq. 1-5) in Flax NNX.
     O = X + (U * (A V)) W_o
 FLASH-Quad uses the full A; FLASH (sec. 3.2, eq. 6-8) makes four maps Q^quad, K^quad, Q^lin, K^lin from the
 same Z and uses `mixed_chunk_attention`. Params are float32; `compute_dtype` sets the matmul dtype.
+Speed on XLA:CPU: the q/k maps are produced in RoPE's half layout (W_z's output columns and the scale/offset
+permuted at use, the stored params keep the interleaved layout) from cos/sin tables built once per forward
+(`rope_tables`), as one elementwise pass over Z per map (`rope_maps`); q.k is unchanged.
 """
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gen_jax.errors import ShapeError
 from gen_jax.flash.chunk_attention import mixed_chunk_attention, quadratic_attention
 from gen_jax.flash.configs import FlashConfig
-from gen_jax.nn.rope import apply_rope
+from gen_jax.nn.rope import rope_angles
 
 
 def compute_dtype(name: str):
@@ -44,6 +49,54 @@ class ScaleNorm(nnx.Module):
         return (xf * (self.scale[...].astype(jnp.float32) * inv_norm)).astype(x.dtype)
 
 
+def half_layout(w_xxS: jax.Array) -> jax.Array:
+    """Reorder the last (key) axis from RoPE's interleaved pairs (0,1),(2,3).. to halves (0,2,..|1,3,..).
+
+    RoPE rotates the pairs (2i, 2i+1); in the half layout the same rotation pairs i with i + S/2, which
+    slices contiguously (strided slices and the stack back cost copies on XLA:CPU). All q/k maps share the
+    permutation, so their dot products are unchanged.
+    """
+    lead, S = w_xxS.shape[:-1], w_xxS.shape[-1]
+    return jnp.swapaxes(w_xxS.reshape(*lead, S // 2, 2), -1, -2).reshape(*lead, S)
+
+
+def rope_tables(positions: ArrayLike, key_size: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., T, S/2] (float32) of the RoPE angles, computed once and shared by all layers.
+
+    Concrete positions (the usual arange) are evaluated now, so the jitted step only reads two constant
+    tables; XLA:CPU otherwise fuses sin/cos into every consumer (even through an optimization barrier) and
+    recomputes them per element of all four q/k maps, forward and backward.
+    """
+    if isinstance(positions, jax.core.Tracer):
+        angles = rope_angles(positions, key_size, base)
+        return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    with jax.ensure_compile_time_eval():
+        angles = rope_angles(positions, key_size, base)
+        return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope_maps(z_BxTxS: jax.Array, scale_HxS: jax.Array, offset_HxS: jax.Array, cos: jax.Array,
+              sin: jax.Array) -> tuple[jax.Array, ...]:
+    """RoPE(z * scale_h + offset_h) for each map h, all in the half layout, computed in float32 and cast back
+    to z's dtype (as `gen_jax.nn.rope.apply_rope`, whose interleaved result this is up to `half_layout`).
+
+    In the half layout RoPE(x) = x * [cos, cos] + swap(x) * [-sin, sin] with swap(x1, x2) = (x2, x1), and
+    swap(z * g + b) = swap(z) * swap(g) + swap(b), so map h is z * A_h + swap(z) * B_h + C_h with small
+    [T, S] tables A, B, C: one elementwise pass over z per map, no concatenate of rotated halves.
+    """
+    swap = lambda a: jnp.concatenate([a[..., a.shape[-1] // 2:], a[..., :a.shape[-1] // 2]], axis=-1)
+    cc = jnp.concatenate([cos, cos], axis=-1)[..., None, :, :]  # [..., 1, T, S]: broadcast over maps
+    ss = jnp.concatenate([-sin, sin], axis=-1)[..., None, :, :]
+    H, dtype = scale_HxS.shape[0], z_BxTxS.dtype
+    if dtype != jnp.float32:  # round z * scale + offset to z's dtype first, as the plain formula does
+        xs = [(z_BxTxS * scale_HxS[h] + offset_HxS[h]).astype(jnp.float32) for h in range(H)]
+        return tuple((x * cc[..., 0, :, :] + swap(x) * ss[..., 0, :, :]).astype(dtype) for x in xs)
+    g, b = scale_HxS[:, None], offset_HxS[:, None]  # [H, 1, S]
+    a_tab, b_tab, c_tab = g * cc, swap(g) * ss, b * cc + swap(b) * ss  # [..., H, T, S]
+    zs = swap(z_BxTxS)
+    return tuple(z_BxTxS * a_tab[..., h, :, :] + zs * b_tab[..., h, :, :] + c_tab[..., h, :, :] for h in range(H))
+
+
 def make_norm(kind: str, dim: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
     if kind == "scalenorm":
         return ScaleNorm(dim)
@@ -58,7 +111,9 @@ def dense(din: int, dout: int, std: float, dtype, rngs: nnx.Rngs, *, use_bias: b
 class GAUProjections(NamedTuple):
     """What a GAU computes before attention, all [B, T, .] in the compute dtype.
 
-    qk: the RoPE-rotated maps, (q_quad, k_quad, q_lin, k_lin) for FLASH or (q, k) for FLASH-Quad.
+    qk: the RoPE-rotated maps, (q_quad, k_quad, q_lin, k_lin) for FLASH or (q, k) for FLASH-Quad, with their
+        key axis in the half layout of `half_layout` (a permutation shared by all of them, so every q.k, the
+        attention and the decoding state K^lin^T V are what the interleaved layout gives).
     """
     u: jax.Array
     v: jax.Array
@@ -79,17 +134,30 @@ class GAU(nnx.Module):
         self.qk_scale = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (num_maps, s), jnp.float32))
         self.qk_offset = nnx.Param(jnp.zeros((num_maps, s), jnp.float32))
 
-    def project(self, x_BxTxD: jax.Array, positions: jax.Array) -> GAUProjections:
-        """U, V and the rotated Q/K maps of eq. 1-4; positions broadcastable to [B, T]."""
+    def project(self, x_BxTxD: jax.Array, positions: ArrayLike | None = None,
+                rope: tuple[jax.Array, jax.Array] | None = None) -> GAUProjections:
+        """U, V and the rotated Q/K maps of eq. 1-4; positions broadcastable to [B, T], or precomputed
+        `rope = rope_tables(positions, key_size, base)` (one pair shared by all layers)."""
         cfg = self.cfg
-        e = cfg.expansion_size
-        h = jax.nn.silu(self.proj_in(self.norm(x_BxTxD)))
+        e, s = cfg.expansion_size, cfg.key_size
+        if rope is None:
+            if positions is None:
+                raise ShapeError("GAU.project needs positions or precomputed rope tables")
+            rope = rope_tables(positions, s, cfg.rope_base)
+        # W_z's columns (and the per-map scale/offset) in the half layout: RoPE then slices contiguously.
+        kernel, bias_param = self.proj_in.kernel[...], self.proj_in.bias
+        bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if bias_param is None else bias_param[...]
+        kernel = jnp.concatenate([kernel[:, :2 * e], half_layout(kernel[:, 2 * e:])], axis=-1)
+        bias = jnp.concatenate([bias[:2 * e], half_layout(bias[2 * e:])], axis=-1)
+        h = self.norm(x_BxTxD)
+        dtype = self.proj_in.dtype or jnp.result_type(h, kernel, bias)  # as nnx.Linear promotes
+        h = jax.nn.silu(jnp.dot(h.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype))
         u_BxTxE, v_BxTxE, z_BxTxS = h[..., :e], h[..., e:2 * e], h[..., 2 * e:]
-        scale = self.qk_scale[...].astype(z_BxTxS.dtype)
-        offset = self.qk_offset[...].astype(z_BxTxS.dtype)
-        qk_HxBxTxS = z_BxTxS[None] * scale[:, None, None] + offset[:, None, None]
-        qk_HxBxTxS = apply_rope(qk_HxBxTxS, positions, base=cfg.rope_base)
-        return GAUProjections(u_BxTxE, v_BxTxE, tuple(qk_HxBxTxS))
+        # the scale/offset are rounded to z's dtype first, as z * scale + offset computes in that dtype
+        scale = half_layout(self.qk_scale[...]).astype(z_BxTxS.dtype)
+        offset = half_layout(self.qk_offset[...]).astype(z_BxTxS.dtype)
+        qk = rope_maps(z_BxTxS, scale, offset, *rope)
+        return GAUProjections(u_BxTxE, v_BxTxE, qk)
 
     def finish(self, x_BxTxD: jax.Array, u_BxTxE: jax.Array, attn_BxTxE: jax.Array) -> jax.Array:
         """O = X + (U * AV) W_o."""
@@ -97,14 +165,15 @@ class GAU(nnx.Module):
         return x_BxTxD + y.astype(x_BxTxD.dtype)
 
     def __call__(self, x_BxTxD: jax.Array, *, mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+                 positions: ArrayLike | None = None,
+                 rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         cfg = self.cfg
         if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != cfg.d_model:
             raise ShapeError(f"GAU input must be [B, T, {cfg.d_model}], got shape {x_BxTxD.shape}")
         T = x_BxTxD.shape[1]
-        if positions is None:
-            positions = jnp.arange(T)[None]
-        p = self.project(x_BxTxD, positions)
+        if positions is None and rope is None:
+            positions = np.arange(T)[None]  # concrete: the RoPE tables become constants
+        p = self.project(x_BxTxD, positions, rope)
         if cfg.kind == "flash":
             q_quad, k_quad, q_lin, k_lin = p.qk
             attn = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, p.v, chunk_size=cfg.chunk_size,

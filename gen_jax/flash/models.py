@@ -10,11 +10,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gen_jax.errors import ConfigError, ShapeError
 from gen_jax.flash.configs import FlashConfig, TransformerConfig
-from gen_jax.flash.gau import GAU, compute_dtype, dense, make_norm
+from gen_jax.flash.gau import GAU, compute_dtype, dense, make_norm, rope_tables
 from gen_jax.nn.rope import apply_rope
 
 
@@ -71,17 +73,18 @@ class FlashLM(nnx.Module):
         self.head = _LMHead(cfg, rngs=rngs)
 
     def hidden(self, tokens_BxT: jax.Array, *, mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: ArrayLike | None = None) -> jax.Array:
         """Final hidden states [B, T, d] before the head's norm."""
         _check_tokens(tokens_BxT, mask)
         x = self.embed(tokens_BxT)
         if positions is None:
-            positions = jnp.arange(tokens_BxT.shape[1])[None]
+            positions = np.arange(tokens_BxT.shape[1])[None]  # concrete: constant RoPE tables
+        rope = rope_tables(positions, self.config.key_size, self.config.rope_base)  # once for all layers
         for layer in self.layers:
             if self.config.remat:
-                x = nnx.remat(lambda lyr, y, m, p: lyr(y, mask=m, positions=p))(layer, x, mask, positions)
+                x = nnx.remat(lambda lyr, y, m, r: lyr(y, mask=m, rope=r))(layer, x, mask, rope)
             else:
-                x = layer(x, mask=mask, positions=positions)
+                x = layer(x, mask=mask, rope=rope)
         return x
 
     def __call__(self, tokens_BxT: jax.Array, *, mask: jax.Array | None = None,
