@@ -7,7 +7,7 @@ quadratic attention and (b) every completed chunk h < g only through the state s
     kv_chunk [S, E]  the same sum over the current, unfinished chunk (moved into kv_sum when it completes)
     k_quad   [C, S], v [C, E]  the current chunk's quadratic keys and values (slot = position mod C)
 plus one shared position counter. The key axis S of kv_sum / kv_chunk / k_quad is in the GAU's RoPE half
-layout (`gen_jax.flash.gau.half_layout`), the layout `GAU.project` gives both here and in `prefill`.
+layout (`gen_jax.nn.rope.half_layout`), the layout `GAU.project` gives both here and in `prefill`.
 A step costs O(C (S + E) + S E) per layer whatever the position: the state never grows with T (the paper's
 O(b (n/C) s e) training memory drops to O(b s e) when decoding).
 
@@ -29,7 +29,8 @@ from jax.typing import ArrayLike
 from gen_jax.errors import ConfigError, ShapeError
 from gen_jax.flash.chunk_attention import mixed_chunk_attention, relu2_weights, softmax_plus_weights
 from gen_jax.flash.configs import FlashConfig
-from gen_jax.flash.gau import compute_dtype, rope_tables
+from gen_jax.flash.gau import compute_dtype
+from gen_jax.nn.rope import rope_tables
 from gen_jax.flash.models import FlashLM
 
 

@@ -27,7 +27,7 @@ from jax.typing import ArrayLike
 from gen_jax.errors import ShapeError
 from gen_jax.flash.chunk_attention import mixed_chunk_attention, quadratic_attention
 from gen_jax.flash.configs import FlashConfig
-from gen_jax.nn.rope import rope_angles
+from gen_jax.nn.rope import half_layout, rope_tables
 
 
 def compute_dtype(name: str):
@@ -47,32 +47,6 @@ class ScaleNorm(nnx.Module):
         # rsqrt of a floored square sum: finite gradients even for an all-zero input
         inv_norm = jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(xf), axis=-1, keepdims=True), self.eps ** 2))
         return (xf * (self.scale[...].astype(jnp.float32) * inv_norm)).astype(x.dtype)
-
-
-def half_layout(w_xxS: jax.Array) -> jax.Array:
-    """Reorder the last (key) axis from RoPE's interleaved pairs (0,1),(2,3).. to halves (0,2,..|1,3,..).
-
-    RoPE rotates the pairs (2i, 2i+1); in the half layout the same rotation pairs i with i + S/2, which
-    slices contiguously (strided slices and the stack back cost copies on XLA:CPU). All q/k maps share the
-    permutation, so their dot products are unchanged.
-    """
-    lead, S = w_xxS.shape[:-1], w_xxS.shape[-1]
-    return jnp.swapaxes(w_xxS.reshape(*lead, S // 2, 2), -1, -2).reshape(*lead, S)
-
-
-def rope_tables(positions: ArrayLike, key_size: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [..., T, S/2] (float32) of the RoPE angles, computed once and shared by all layers.
-
-    Concrete positions (the usual arange) are evaluated now, so the jitted step only reads two constant
-    tables; XLA:CPU otherwise fuses sin/cos into every consumer (even through an optimization barrier) and
-    recomputes them per element of all four q/k maps, forward and backward.
-    """
-    if isinstance(positions, jax.core.Tracer):
-        angles = rope_angles(positions, key_size, base)
-        return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
-    with jax.ensure_compile_time_eval():
-        angles = rope_angles(positions, key_size, base)
-        return jnp.cos(angles), jnp.sin(angles)
 
 
 def rope_maps(z_BxTxS: jax.Array, scale_HxS: jax.Array, offset_HxS: jax.Array, cos: jax.Array,

@@ -8,7 +8,9 @@ so <R_m q, R_n k> depends on positions only through m - n. `interleaved=False` r
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from gen_jax.errors import ShapeError
 
@@ -35,7 +37,40 @@ def apply_rope(x, positions, *, base: float = 10000.0, interleaved: bool = True)
         out = jnp.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], axis=-1)
         out = out.reshape(xf.shape)
     else:
-        half = dim // 2
-        x1, x2 = xf[..., :half], xf[..., half:]
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        out = rotate_half(xf, cos, sin)
     return out.astype(x.dtype)
+
+
+def rotate_half(x, cos, sin):
+    """RoPE in the half layout with precomputed tables: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def half_layout(w, group: int | None = None):
+    """Reorder the last axis, within each group of `group` features (default: all of it), from the interleaved
+    pairs (0,1),(2,3).. that `apply_rope` rotates to the halves (0,2,..|1,3,..) that `rotate_half` rotates.
+
+    A permutation shared by queries and keys leaves every q.k unchanged; in the half layout the rotation slices
+    contiguously (strided slices and the stack back cost copies on XLA:CPU).
+    """
+    lead, width = w.shape[:-1], w.shape[-1]
+    group = width if group is None else group
+    out = jnp.swapaxes(w.reshape(*lead, width // group, group // 2, 2), -1, -2)
+    return out.reshape(*lead, width)
+
+
+def rope_tables(positions: ArrayLike, dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """cos and sin, positions.shape + (dim // 2,) in float32, computed once and shared by all layers.
+
+    Concrete positions (a numpy arange) are evaluated at trace time, so a jitted step only reads two constant
+    tables: XLA:CPU otherwise fuses sin/cos into every consumer (even through an optimization barrier) and
+    recomputes them per element, per head and layer, forward and backward.
+    """
+    if isinstance(positions, jax.core.Tracer):
+        angles = rope_angles(positions, dim, base)
+        return jnp.cos(angles), jnp.sin(angles)
+    with jax.ensure_compile_time_eval():
+        angles = rope_angles(positions, dim, base)
+        return jnp.cos(angles), jnp.sin(angles)

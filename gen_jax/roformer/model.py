@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gen_jax.errors import ConfigError, ShapeError
-from gen_jax.nn.rope import rope_angles
+from gen_jax.nn.rope import half_layout, rope_tables, rotate_half
 
 _NEG = -1e30  # finite, so a fully masked row gives a uniform softmax rather than NaN
 
@@ -205,32 +205,19 @@ class RoFormerLayer(nnx.Module):
 
 
 def _half_layout(w_xxD, num_heads: int, head_dim: int):
-    """Reorder the last axis within each head from interleaved pairs (0,1),(2,3).. to halves (0,2,..|1,3,..).
-
-    RoPE rotates the pairs (2i, 2i+1) of the checkpoint layout; in the half layout the same rotation pairs
-    i with i + H/2, which slices contiguously (strided slices and the stack back cost copies on XLA:CPU).
-    """
-    lead = w_xxD.shape[:-1]
-    w = w_xxD.reshape(*lead, num_heads, head_dim // 2, 2)
-    return jnp.swapaxes(w, -1, -2).reshape(*lead, num_heads * head_dim)
+    """Each head's features in RoPE's half layout (`gen_jax.nn.rope.half_layout`)."""
+    return half_layout(w_xxD, head_dim)
 
 
-def _rope_tables(positions_BxT: jax.Array, head_dim: int):
-    """cos and sin [B, T, 1, H/2] of the RoPE angles, computed once for all layers.
-
-    The barrier keeps XLA from fusing sin/cos into every consumer, which recomputed them per head, per
-    layer, for q and k, forward and backward.
-    """
-    angles = rope_angles(positions_BxT, head_dim)[:, :, None]
-    return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+def _rope_tables(positions_BxT, head_dim: int):
+    """cos and sin [B, T, 1, H/2] of the RoPE angles, computed once for all layers."""
+    cos, sin = rope_tables(positions_BxT, head_dim)
+    return cos[:, :, None], sin[:, :, None]
 
 
 def _rope_half(x_BxTxNxH, cos, sin):
-    """RoPE in the half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in float32 (as apply_rope)."""
-    h = x_BxTxNxH.shape[-1] // 2
-    xf = x_BxTxNxH.astype(jnp.float32)
-    x1, x2 = xf[..., :h], xf[..., h:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+    """RoPE in the half layout, in float32 (as apply_rope)."""
+    return rotate_half(x_BxTxNxH.astype(jnp.float32), cos, sin).astype(x_BxTxNxH.dtype)
 
 
 def _gelu(x):
