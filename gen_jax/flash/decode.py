@@ -31,6 +31,7 @@ from gen_jax.flash.chunk_attention import mixed_chunk_attention, relu2_weights, 
 from gen_jax.flash.configs import FlashConfig
 from gen_jax.flash.gau import compute_dtype
 from gen_jax.nn.rope import rope_tables
+from gen_jax.nn.sampling import nucleus_sample
 from gen_jax.flash.models import FlashLM
 
 
@@ -144,12 +145,7 @@ def sample_logits(rng: jax.Array, logits_BxV: jax.Array, temperature: float = 1.
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits = logits_BxV.astype(jnp.float32) / temperature
     if top_p < 1.0:
-        sorted_desc = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        kept = before < top_p  # the top token is always kept
-        cutoff = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+        return nucleus_sample(rng, logits, top_p)  # sort-free (gen_jax.nn.sampling)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 

@@ -166,20 +166,27 @@ class RoFormerLayer(nnx.Module):
         if cfg.rotary_value:
             v_BxTxNxH = _rope_half(v_BxTxNxH, *rope)
         if kv_cache is not None:
+            # the cache is [B, N, S, H] per layer: attention reads it without a transposed copy, and the
+            # decode loop updates it in place
             k_cache, v_cache = kv_cache
-            k_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxNxH.astype(k_cache.dtype),
-                                                            cache_index, axis=1)
-            v_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxNxH.astype(v_cache.dtype),
-                                                            cache_index, axis=1)
-            new_cache = (k_BxSxNxH, v_BxSxNxH)
+            k_BxNxSxH = jax.lax.dynamic_update_slice_in_dim(
+                k_cache, k_BxTxNxH.transpose(0, 2, 1, 3).astype(k_cache.dtype), cache_index, axis=2)
+            v_BxNxSxH = jax.lax.dynamic_update_slice_in_dim(
+                v_cache, v_BxTxNxH.transpose(0, 2, 1, 3).astype(v_cache.dtype), cache_index, axis=2)
+            new_cache = (k_BxNxSxH, v_BxNxSxH)
+            scores_BxNxTxS = jnp.einsum("btnh,bnsh->bnts", q_BxTxNxH, k_BxNxSxH.astype(q_BxTxNxH.dtype),
+                                        preferred_element_type=jnp.float32)
         else:
-            k_BxSxNxH, v_BxSxNxH, new_cache = k_BxTxNxH, v_BxTxNxH, None
-        scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH.astype(q_BxTxNxH.dtype),
-                                    preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+            v_BxNxSxH, new_cache = None, None
+            scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxTxNxH, preferred_element_type=jnp.float32)
+        scores_BxNxTxS = scores_BxNxTxS / jnp.sqrt(cfg.head_dim)
         scores_BxNxTxS = jnp.where(mask_BxTxS[:, None], scores_BxNxTxS, _NEG)
         probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1)
         probs_BxNxTxS = _dropout(probs_BxNxTxS, cfg.attention_dropout_rate, rng())
-        ctx_BxTxNxH = jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+        if v_BxNxSxH is not None:
+            ctx_BxTxNxH = jnp.einsum("bnts,bnsh->btnh", probs_BxNxTxS.astype(v_BxNxSxH.dtype), v_BxNxSxH)
+        else:
+            ctx_BxTxNxH = jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS.astype(v_BxTxNxH.dtype), v_BxTxNxH)
         ctx_BxTxD = ctx_BxTxNxH.reshape(B, T, cfg.hidden_size)
         if cfg.rotary_value:  # ctx is in the half layout too: permute attn_out's input rows to match
             attn_BxTxD = self._project(self.attn_out, ctx_BxTxD, True, rows=True)
@@ -253,12 +260,15 @@ class RoFormer(nnx.Module):
             self.mlm_dense = self.mlm_norm = self.mlm_bias = None
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype: Any = None) -> dict:
-        """Empty KV cache: per layer K and V [B, S, N, H] plus `valid` [B, S] (which slots hold real keys)."""
+        """Empty KV cache: "k" and "v", tuples with one [B, N, S, H] array per layer (heads before slots, so
+        attention reads them without a transposed copy; one array per layer, so a decode loop updates each in
+        place), plus "valid" [B, S] (which slots hold real keys)."""
         cfg = self.config
         S = max_len or cfg.max_positions
         dtype = dtype or (_dtype(cfg) or jnp.float32)
-        shape = (cfg.num_layers, batch_size, S, cfg.num_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        shape = (batch_size, cfg.num_heads, S, cfg.head_dim)
+        return {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                 "valid": jnp.zeros((batch_size, S), bool)}
 
     def __call__(self, token_ids_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None, *,
@@ -299,7 +309,7 @@ class RoFormer(nnx.Module):
             if mask.shape != (B, T, T):
                 raise ShapeError(f"attention mask {mask.shape} must be [B, T, T] = {(B, T, T)}")
         else:
-            S = cache["k"].shape[2]
+            S = cache["k"][0].shape[2]
             if positions_BxT is None:
                 positions_BxT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
             new_valid = jnp.ones((B, T), bool) if padding_mask_BxT is None else padding_mask_BxT.astype(bool)
@@ -321,7 +331,7 @@ class RoFormer(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "valid": valid_BxS}
+        new_cache = None if cache is None else {"k": tuple(new_k), "v": tuple(new_v), "valid": valid_BxS}
         return RoFormerOutput(x, self.pool(x) if self.pooler is not None else None, new_cache)
 
     def pool(self, hidden_BxTxD: jax.Array) -> jax.Array:

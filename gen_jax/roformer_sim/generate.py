@@ -4,7 +4,8 @@ original).
 Prompt `[CLS] text [SEP]` (segment 0); generated tokens get segment 1. Under the UniLM mask the prompt never
 attends the generated tokens, so its K/V are computed once (prefill) and each new token attends the prompt
 plus the tokens before it: exactly causal decoding with a KV cache, RoPE positions continuing after the
-prompt. n candidates are drawn by nucleus sampling (top-p) in one batch, the whole decode loop being one
+prompt. n candidates are drawn by nucleus sampling (top-p, `gen_jax.nn.sampling`: no sort of the vocabulary) in
+one batch, the whole decode loop being one
 compiled `lax.while_loop` that stops when every row has emitted [SEP] or after `max_new` tokens. On the host
 the candidates are decoded, deduplicated, copies of the input dropped, and re-ranked by the cosine of their
 sentence vectors (pooled [CLS]) to the input's.
@@ -20,20 +21,9 @@ import numpy as np
 from flax import nnx
 
 from gen_jax.errors import ConfigError, ShapeError
+from gen_jax.nn.sampling import nucleus_sample
 from gen_jax.roformer.model import RoFormer
 from gen_jax.roformer_sim.losses import l2_normalize, sentence_vectors
-
-
-def nucleus_sample(rng: jax.Array, logits_NxV: jax.Array, top_p: float | jax.Array) -> jax.Array:
-    """Sample from the smallest set of most likely tokens whose probability reaches top_p (per row)."""
-    logits_NxV = logits_NxV.astype(jnp.float32)
-    order_NxV = jnp.argsort(-logits_NxV, axis=-1)
-    sorted_NxV = jnp.take_along_axis(logits_NxV, order_NxV, axis=-1)
-    probs_NxV = jax.nn.softmax(sorted_NxV, axis=-1)
-    mass_before_NxV = jnp.cumsum(probs_NxV, axis=-1) - probs_NxV
-    keep_NxV = mass_before_NxV < top_p  # the top token is always kept
-    choice_N = jax.random.categorical(rng, jnp.where(keep_NxV, sorted_NxV, -jnp.inf), axis=-1)
-    return jnp.take_along_axis(order_NxV, choice_N[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "max_new"))
@@ -54,7 +44,7 @@ def sample_candidates(graphdef: nnx.GraphDef, state, prompt_ids_T: jax.Array, rn
     out = model(prompt_ids_T[None], jnp.zeros((1, Tp), jnp.int32), attention_mask_BxTxT=prompt_mask_1xTpxS,
                 cache=cache, cache_index=0)
     last_1xV = model.mlm_logits(out.hidden_BxTxD[:, -1:])[:, 0]
-    cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1 if x.ndim == 5 else 0), out.cache)
+    cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), out.cache)  # every leaf is batch-major
     logits_NxV = jnp.repeat(last_1xV, n, axis=0)
     ban_V = jnp.zeros(logits_NxV.shape[-1], bool)
     if banned_ids is not None:
