@@ -8,7 +8,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("config", "data", "train", "metrics", "images", "nn", "errors", "ddpm", "flash", "gan",
-               "hubness", "vae", "roformer", "roformer_sim")
+               "hubness", "vae", "roformer", "roformer_sim", "host_memory")
 __all__ = list(_SUBMODULES)  # `from gen_jax import *` imports every paper package
 
 

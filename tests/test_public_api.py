@@ -13,7 +13,7 @@ HEAVY = ("torch", "transformers", "tensorflow", "tensorflow_datasets", "orbax", 
 # Only the tests and the users' own code need these; no library package may import them.
 TEST_ONLY = ("torch", "transformers", "tensorflow", "diffusers", "sklearn")
 PUBLIC = ("config", "errors", "images", "data", "train", "metrics", "nn", "ddpm", "flash", "gan", "hubness", "vae",
-          "vae.vmf", "roformer", "roformer_sim")
+          "vae.vmf", "roformer", "roformer_sim", "host_memory")
 
 
 def _imported_after(code: str) -> set:
