@@ -739,8 +739,9 @@ def sample(rng: jax.Array, mu_BxD: jax.Array, kappa_B: jax.Array, n: int,
     if `table` is given (a table built for this d and the model's fixed kappa; `kappa_B` is then only used by
     log_prob). The tangent part is a uniform direction around the north pole e_1 (one angle for d = 3; for
     Wood's sampler the normals of its first proposal) mapped to mu by `_from_north_pole`.
-    Large n is drawn in chunks of ~2^18 output floats by `lax.map` (independent keys per chunk), so that the
-    intermediates stay in cache: on CPU this is up to 2x faster at n = 10^6 than one pass over everything."""
+    Large n is drawn in chunks of ~2^18 output floats by a fori_loop that writes each chunk into the result in
+    place (independent keys per chunk), so that the intermediates stay in cache: on CPU this is up to 2x faster
+    at n = 10^6 than one pass over everything."""
     if mu_BxD.ndim < 1:
         raise ShapeError(f"mu must be [..., d] unit vectors, got shape {mu_BxD.shape}")
     d = mu_BxD.shape[-1]
@@ -749,9 +750,20 @@ def sample(rng: jax.Array, mu_BxD: jax.Array, kappa_B: jax.Array, n: int,
     if n < 2 * rows:
         return _sample(rng, mu_BxD, kappa_B, n, table, max_iters)
     chunks = -(-n // rows)
+    # prefer a chunk count that divides n (up to 2x the minimum); otherwise the last chunk is written at
+    # n - per, over part of the one before it (every row still holds one sample of one independent chunk)
+    chunks = next((c for c in range(chunks, 2 * chunks + 1) if n % c == 0), chunks)
     per = -(-n // chunks)
-    out = jax.lax.map(lambda key: _sample(key, mu_BxD, kappa_B, per, table, max_iters), jax.random.split(rng, chunks))
-    return out.reshape(chunks * per, *batch, d)[:n]
+    keys = jax.random.split(rng, chunks)
+
+    # a fori_loop writing each chunk into the [n, *batch, d] result in place: lax.map would stack [chunks, per,
+    # *batch, d] and XLA:CPU copies that into the result's layout (a second pass over the output, into fresh
+    # pages, which measured ~0.2 us per sample at d = 100)
+    def step(i, out):
+        x = _sample(keys[i], mu_BxD, kappa_B, per, table, max_iters)
+        return jax.lax.dynamic_update_slice_in_dim(out, x.astype(out.dtype), jnp.minimum(i * per, n - per), 0)
+
+    return jax.lax.fori_loop(0, chunks, step, jnp.zeros((n, *batch, d), mu_BxD.dtype))
 
 
 def _sample(rng: jax.Array, mu_BxD: jax.Array, kappa_B: jax.Array, n: int, table: jax.Array | None,
