@@ -50,6 +50,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gen_jax.errors import ConfigError, ShapeError
+from gen_jax.nn.conv import conv_general_dilated
+
+
+def _Conv(*args, **kwargs) -> nnx.Conv:
+    # XLA:CPU's backward-filter convolution is slow; gen_jax.nn.conv computes that gradient as shifted matmuls
+    # on CPU (elsewhere XLA's own), with the same parameters and results
+    return nnx.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 _default_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 _zero_init = nnx.initializers.zeros_init()
@@ -86,12 +93,12 @@ class ResBlock(nnx.Module):
                  dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = _Norm(in_ch, num_groups, dtype, param_dtype, rngs)
-        self.conv1 = nnx.Conv(in_ch, out_ch, (3, 3), kernel_init=_default_init, **kw)
+        self.conv1 = _Conv(in_ch, out_ch, (3, 3), kernel_init=_default_init, **kw)
         self.temb_proj = nnx.Linear(temb_ch, out_ch, kernel_init=_default_init, **kw)
         self.norm2 = _Norm(out_ch, num_groups, dtype, param_dtype, rngs)
         self.dropout = nnx.Dropout(dropout)
-        self.conv2 = nnx.Conv(out_ch, out_ch, (3, 3), kernel_init=_zero_init, **kw)
-        self.skip = (nnx.Conv(in_ch, out_ch, (1, 1), kernel_init=_default_init, **kw)
+        self.conv2 = _Conv(out_ch, out_ch, (3, 3), kernel_init=_zero_init, **kw)
+        self.skip = (_Conv(in_ch, out_ch, (1, 1), kernel_init=_default_init, **kw)
                      if in_ch != out_ch else None)
 
     def __call__(self, x: jax.Array, temb: jax.Array, deterministic: bool, rng: jax.Array | None) -> jax.Array:
@@ -149,7 +156,7 @@ class UNet(nnx.Module):
 
         self.temb_dense0 = nnx.Linear(ch, temb_ch, kernel_init=_default_init, **kw)
         self.temb_dense1 = nnx.Linear(temb_ch, temb_ch, kernel_init=_default_init, **kw)
-        self.conv_in = nnx.Conv(in_channels, ch, (3, 3), kernel_init=_default_init, **kw)
+        self.conv_in = _Conv(in_channels, ch, (3, 3), kernel_init=_default_init, **kw)
 
         # Down path; skip_chs records the width of every activation pushed on the skip stack.
         res, cur, skip_chs = resolution, ch, [ch]
@@ -162,7 +169,7 @@ class UNet(nnx.Module):
                 cur = out
                 skip_chs.append(cur)
             if level != len(ch_mult) - 1:
-                downsample.append(nnx.Conv(cur, cur, (3, 3), strides=(2, 2), padding="SAME",
+                downsample.append(_Conv(cur, cur, (3, 3), strides=(2, 2), padding="SAME",
                                            kernel_init=_default_init, **kw))
                 skip_chs.append(cur)
                 res = (res + 1) // 2
@@ -185,11 +192,11 @@ class UNet(nnx.Module):
                 up_attn.append(AttnBlock(out, **attn_kw) if level_res[level] in attn_resolutions else None)
                 cur = out
             if level != 0:
-                upsample.append(nnx.Conv(cur, cur, (3, 3), kernel_init=_default_init, **kw))
+                upsample.append(_Conv(cur, cur, (3, 3), kernel_init=_default_init, **kw))
         self.up_blocks, self.up_attn, self.upsample = nnx.List(up_blocks), nnx.List(up_attn), nnx.List(upsample)
 
         self.norm_out = _Norm(cur, num_groups, dtype, param_dtype, rngs)
-        self.conv_out = nnx.Conv(cur, out_channels, (3, 3), kernel_init=_zero_init, **kw)
+        self.conv_out = _Conv(cur, out_channels, (3, 3), kernel_init=_zero_init, **kw)
 
     def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, *, deterministic: bool,
                  rngs: jax.Array | nnx.Rngs | None = None) -> jax.Array:
