@@ -180,7 +180,8 @@ class RoFormerLayer(nnx.Module):
             v_BxNxSxH, new_cache = None, None
             scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxTxNxH, preferred_element_type=jnp.float32)
         scores_BxNxTxS = scores_BxNxTxS / jnp.sqrt(cfg.head_dim)
-        scores_BxNxTxS = jnp.where(mask_BxTxS[:, None], scores_BxNxTxS, _NEG)
+        if mask_BxTxS is not None:  # [B, T or 1, S]
+            scores_BxNxTxS = jnp.where(mask_BxTxS[:, None], scores_BxNxTxS, _NEG)
         probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1)
         probs_BxNxTxS = _dropout(probs_BxNxTxS, cfg.attention_dropout_rate, rng())
         if v_BxNxSxH is not None:
@@ -303,11 +304,18 @@ class RoFormer(nnx.Module):
         if cache is None:
             if positions_BxT is None:
                 positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-            mask = jnp.ones((B, T, T), bool) if attention_mask_BxTxT is None else attention_mask_BxTxT.astype(bool)
+            # no [B, T, T] mask is materialized unless one is given: a padding mask alone is [B, 1, T], and
+            # without either the scores are not masked at all
+            mask = None
+            if attention_mask_BxTxT is not None:
+                mask = attention_mask_BxTxT.astype(bool)
+                if mask.shape != (B, T, T):
+                    raise ShapeError(f"attention mask {mask.shape} must be [B, T, T] = {(B, T, T)}")
             if padding_mask_BxT is not None:
-                mask = mask & padding_mask_BxT[:, None, :].astype(bool)
-            if mask.shape != (B, T, T):
-                raise ShapeError(f"attention mask {mask.shape} must be [B, T, T] = {(B, T, T)}")
+                if padding_mask_BxT.shape != (B, T):
+                    raise ShapeError(f"padding mask {padding_mask_BxT.shape} must be [B, T] = {(B, T)}")
+                pad = padding_mask_BxT[:, None, :].astype(bool)
+                mask = pad if mask is None else mask & pad
         else:
             S = cache["k"][0].shape[2]
             if positions_BxT is None:
