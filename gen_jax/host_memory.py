@@ -10,8 +10,8 @@ kernel time per RoFormer step here). Three glibc tunables keep that memory in th
   blocks larger than its 64 MB heap, whatever `mmap_max` says);
 - `glibc.malloc.trim_threshold=4294967296`: a freed block at the top of the heap is not given back.
 
-Measured on the 2-core development box (benchmarks/RESULTS.md): RoFormer L6 H384 fwd+bwd 2.93 -> 2.57 s per
-step, DDPM MNIST train step 98 -> 105 images/s. The cost is a resident heap at its high-water mark and one
+Measured on the 2-core development box (benchmarks/RESULTS.md, one core, side by side): DDPM MNIST train step
+71 -> 117 images/s, CIFAR-10 U-Net 1.07 -> 1.52, RoFormer L6 H384 fwd+bwd 2.96 -> 2.43 s at seq 64. The cost is a resident heap at its high-water mark and one
 lock for all threads' mallocs (harmless for XLA, whose hot loops do not allocate).
 
 glibc reads tunables once, at process start (`mallopt` after start does not reach the existing thread
