@@ -27,6 +27,7 @@ from jax.typing import ArrayLike
 from gen_jax.errors import ShapeError
 from gen_jax.flash.chunk_attention import mixed_chunk_attention, quadratic_attention
 from gen_jax.flash.configs import FlashConfig
+from gen_jax.nn.dense import flat_dot, flat_dot_general
 from gen_jax.nn.rope import half_layout, rope_tables
 
 
@@ -79,7 +80,7 @@ def make_norm(kind: str, dim: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
 
 def dense(din: int, dout: int, std: float, dtype, rngs: nnx.Rngs, *, use_bias: bool = True) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.initializers.truncated_normal(std), rngs=rngs)
+                      dot_general=flat_dot_general, kernel_init=nnx.initializers.truncated_normal(std), rngs=rngs)
 
 
 class GAUProjections(NamedTuple):
@@ -125,7 +126,7 @@ class GAU(nnx.Module):
         bias = jnp.concatenate([bias[:2 * e], half_layout(bias[2 * e:])], axis=-1)
         h = self.norm(x_BxTxD)
         dtype = self.proj_in.dtype or jnp.result_type(h, kernel, bias)  # as nnx.Linear promotes
-        h = jax.nn.silu(jnp.dot(h.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype))
+        h = jax.nn.silu(flat_dot(h.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype))
         u_BxTxE, v_BxTxE, z_BxTxS = h[..., :e], h[..., e:2 * e], h[..., 2 * e:]
         # the scale/offset are rounded to z's dtype first, as z * scale + offset computes in that dtype
         scale = half_layout(self.qk_scale[...]).astype(z_BxTxS.dtype)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gen_jax.errors import ConfigError, ShapeError
+from gen_jax.nn.dense import flat_dot, flat_dot_general
 from gen_jax.nn.rope import half_layout, rope_tables, rotate_half
 
 _NEG = -1e30  # finite, so a fully masked row gives a uniform softmax rather than NaN
@@ -124,7 +125,7 @@ class _RngStream:
 
 
 def _dense(din: int, dout: int, cfg: RoFormerConfig, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, dtype=_dtype(cfg), param_dtype=jnp.float32,
+    return nnx.Linear(din, dout, dtype=_dtype(cfg), param_dtype=jnp.float32, dot_general=flat_dot_general,
                       kernel_init=nnx.initializers.truncated_normal(cfg.initializer_range), rngs=rngs)
 
 
@@ -209,7 +210,7 @@ class RoFormerLayer(nnx.Module):
         else:
             w, b = _half_layout(w, N, H), _half_layout(b, N, H)
         dtype = lin.dtype or jnp.result_type(x, w, b)  # as nnx.Linear promotes
-        return jnp.dot(x.astype(dtype), w.astype(dtype)) + b.astype(dtype)
+        return flat_dot(x.astype(dtype), w.astype(dtype)) + b.astype(dtype)
 
 
 def _half_layout(w_xxD, num_heads: int, head_dim: int):
