@@ -51,12 +51,18 @@ from flax import nnx
 
 from gen_jax.errors import ConfigError, ShapeError
 from gen_jax.nn.conv import conv_general_dilated
+from gen_jax.nn.dense import flat_dot_general
 
 
 def _Conv(*args, **kwargs) -> nnx.Conv:
     # XLA:CPU's backward-filter convolution is slow; gen_jax.nn.conv computes that gradient as shifted matmuls
     # on CPU (elsewhere XLA's own), with the same parameters and results
     return nnx.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
+
+
+def _Linear(*args, **kwargs) -> nnx.Linear:
+    # [B, H, W, C] inputs (attention's qkv) as one 2-D product: no transposed copies in the kernel gradient
+    return nnx.Linear(*args, dot_general=flat_dot_general, **kwargs)
 
 _default_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 _zero_init = nnx.initializers.zeros_init()
@@ -94,7 +100,7 @@ class ResBlock(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = _Norm(in_ch, num_groups, dtype, param_dtype, rngs)
         self.conv1 = _Conv(in_ch, out_ch, (3, 3), kernel_init=_default_init, **kw)
-        self.temb_proj = nnx.Linear(temb_ch, out_ch, kernel_init=_default_init, **kw)
+        self.temb_proj = _Linear(temb_ch, out_ch, kernel_init=_default_init, **kw)
         self.norm2 = _Norm(out_ch, num_groups, dtype, param_dtype, rngs)
         self.dropout = nnx.Dropout(dropout)
         self.conv2 = _Conv(out_ch, out_ch, (3, 3), kernel_init=_zero_init, **kw)
@@ -114,8 +120,8 @@ class AttnBlock(nnx.Module):
     def __init__(self, ch: int, *, num_groups: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = _Norm(ch, num_groups, dtype, param_dtype, rngs)
-        self.qkv = nnx.Linear(ch, 3 * ch, kernel_init=_default_init, **kw)
-        self.proj_out = nnx.Linear(ch, ch, kernel_init=_zero_init, **kw)
+        self.qkv = _Linear(ch, 3 * ch, kernel_init=_default_init, **kw)
+        self.proj_out = _Linear(ch, ch, kernel_init=_zero_init, **kw)
         self.dtype = dtype
 
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -154,8 +160,8 @@ class UNet(nnx.Module):
         blk = dict(dropout=dropout, num_groups=num_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         attn_kw = dict(num_groups=num_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-        self.temb_dense0 = nnx.Linear(ch, temb_ch, kernel_init=_default_init, **kw)
-        self.temb_dense1 = nnx.Linear(temb_ch, temb_ch, kernel_init=_default_init, **kw)
+        self.temb_dense0 = _Linear(ch, temb_ch, kernel_init=_default_init, **kw)
+        self.temb_dense1 = _Linear(temb_ch, temb_ch, kernel_init=_default_init, **kw)
         self.conv_in = _Conv(in_channels, ch, (3, 3), kernel_init=_default_init, **kw)
 
         # Down path; skip_chs records the width of every activation pushed on the skip stack.
