@@ -17,8 +17,7 @@ from jax.typing import ArrayLike
 from gen_jax.errors import ConfigError, ShapeError
 from gen_jax.flash.configs import FlashConfig, TransformerConfig
 from gen_jax.flash.gau import GAU, compute_dtype, dense, make_norm
-from gen_jax.nn.rope import rope_tables
-from gen_jax.nn.rope import apply_rope
+from gen_jax.nn.rope import apply_rope, rope_tables
 
 
 def _check_tokens(tokens_BxT: jax.Array, mask: jax.Array | None) -> None:

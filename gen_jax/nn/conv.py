@@ -5,7 +5,8 @@ the forward one (measured on the development CPU, NHWC, 28x28x64 -> 64, batch 32
 gradient 67, kernel gradient 23). For a k_h x k_w kernel the kernel gradient is k_h k_w ordinary matrix
 products, dW[i, j] = X_ij^T G with X_ij the padded input shifted by (i, j) (and strided) as a [B H' W', C]
 matrix and G the output gradient [B H' W', O]; XLA runs those at 39-58 GFLOP/s where they pay (wide enough
-layers: `shifted_kernel_grad_pays`). The forward pass and the input gradient stay XLA's convolutions. On other platforms (GPU, TPU) the kernel gradient is XLA's own
+layers: `shifted_kernel_grad_pays`; narrower ones are plain `lax.conv_general_dilated`). The forward pass and
+the input gradient stay XLA's convolutions. On other platforms (GPU, TPU) the kernel gradient is XLA's own
 (`lax.platform_dependent`), so the function is safe to use everywhere.
 
 Use it through flax: `nnx.Conv(..., conv_general_dilated=gen_jax.nn.conv_general_dilated)`. Cases other
@@ -75,8 +76,6 @@ def shifted_kernel_grad_pays(w_shape, out_spatial) -> bool:
 
 
 def _cpu_grads(x, w, g, strides, pads, precision, preferred):
-    if not shifted_kernel_grad_pays(w.shape, g.shape[1:3]):
-        return _xla_grads(x, w, g, strides, pads, precision, preferred)
     (dx,) = jax.vjp(lambda x_: _plain_conv(x_, w, strides, pads, precision, preferred), x)[1](g)
     return dx, _kernel_grad_shifted(x, g.astype(x.dtype), w.shape, strides, pads)
 
@@ -116,7 +115,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         pads = tuple(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))
     else:
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if any(p < 0 for pair in pads for p in pair):  # cropping: leave it to XLA
+    out_spatial = tuple((n + lo + hi - k) // s + 1
+                        for n, (lo, hi), k, s in zip(lhs.shape[1:3], pads, rhs.shape[:2], strides))
+    if any(p < 0 for pair in pads for p in pair) or not shifted_kernel_grad_pays(rhs.shape, out_spatial):
+        # cropping, or a layer too narrow for the shifted products to pay: XLA's own gradient
         return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
                                         precision=precision, preferred_element_type=preferred_element_type)
     return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)

@@ -8,6 +8,8 @@ so <R_m q, R_n k> depends on positions only through m - n. `interleaved=False` r
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -68,9 +70,7 @@ def rope_tables(positions: ArrayLike, dim: int, base: float = 10000.0) -> tuple[
     tables: XLA:CPU otherwise fuses sin/cos into every consumer (even through an optimization barrier) and
     recomputes them per element, per head and layer, forward and backward.
     """
-    if isinstance(positions, jax.core.Tracer):
-        angles = rope_angles(positions, dim, base)
-        return jnp.cos(angles), jnp.sin(angles)
-    with jax.ensure_compile_time_eval():
+    traced = isinstance(positions, jax.core.Tracer)
+    with contextlib.nullcontext() if traced else jax.ensure_compile_time_eval():
         angles = rope_angles(positions, dim, base)
         return jnp.cos(angles), jnp.sin(angles)

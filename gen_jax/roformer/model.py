@@ -159,7 +159,7 @@ class RoFormerLayer(nnx.Module):
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
         N, H = cfg.num_heads, cfg.head_dim
-        # q, k (and v with rotary_value) come out in each head's half layout (see _half_layout): RoPE then
+        # q, k (and v with rotary_value) come out in each head's half layout (see half_layout): RoPE then
         # needs contiguous halves only, and q.k is unchanged because q and k share the permutation.
         q_BxTxNxH = _rope_half(self._project(self.query, x_BxTxD, True).reshape(B, T, N, H), *rope)
         k_BxTxNxH = _rope_half(self._project(self.key, x_BxTxD, True).reshape(B, T, N, H), *rope)
@@ -204,18 +204,13 @@ class RoFormerLayer(nnx.Module):
         if not half:
             return lin(x)
         w, b = lin.kernel[...], lin.bias[...]
-        N, H = self.cfg.num_heads, self.cfg.head_dim
+        H = self.cfg.head_dim
         if rows:
-            w = _half_layout(w.T, N, H).T
+            w = half_layout(w.T, H).T
         else:
-            w, b = _half_layout(w, N, H), _half_layout(b, N, H)
+            w, b = half_layout(w, H), half_layout(b, H)
         dtype = lin.dtype or jnp.result_type(x, w, b)  # as nnx.Linear promotes
         return flat_dot(x.astype(dtype), w.astype(dtype)) + b.astype(dtype)
-
-
-def _half_layout(w_xxD, num_heads: int, head_dim: int):
-    """Each head's features in RoPE's half layout (`gen_jax.nn.rope.half_layout`)."""
-    return half_layout(w_xxD, head_dim)
 
 
 def _rope_tables(positions_BxT, head_dim: int):

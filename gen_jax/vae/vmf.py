@@ -227,7 +227,8 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
 # Random numbers. On CPU the PRNG is most of a sampler's cost: `jax.random.uniform` on a threefry key spends one
 # threefry2x32 block (64 output bits) per float32 (with jax_threefry_partitionable, the default, it XORs the two
 # words), and `jax.random.normal` adds an erf_inv per draw. For threefry keys we hash a counter iota ourselves
-# (`_threefry_words`: bit-identical, rounds unrolled, 7-13% faster samplers) and keep both words (other key implementations go through `jax.random.bits`), and in float32
+# (`_threefry_words`: bit-identical, rounds unrolled, 7-13% faster samplers) and keep both words (other key
+# implementations go through `jax.random.bits`), and in float32
 # (other dtypes use jax.random):
 #   uniforms: k 2^-23 from the top 23 bits of a word (jax.random.uniform's grid);
 #   normals: Box-Muller from one block: rho = sqrt(-2 log u), u = (a + 1/2) 2^-32 from the first word (finer

@@ -207,14 +207,15 @@ def test_dropout_is_active_only_with_an_rng_and_bad_configs_raise(tiny):
 def test_half_layout_rope_and_erf_gelu_equal_the_interleaved_reference():
     """The layer rotates q/k in a per-head half layout (kernel columns permuted); undoing the permutation
     must give apply_rope's interleaved result, and the erf GELU must equal jax.nn.gelu(approximate=False)."""
-    from gen_jax.roformer.model import _gelu, _half_layout, _rope_half, _rope_tables
+    from gen_jax.nn.rope import half_layout
+    from gen_jax.roformer.model import _gelu, _rope_half, _rope_tables
     N, H, T = 3, 8, 7
     r = np.random.RandomState(0)
     x = jnp.asarray(r.randn(2, T, N * H), jnp.float32)
     w = jnp.asarray(r.randn(N * H, N * H), jnp.float32)
     pos = jnp.asarray(r.randint(0, 50, (2, T)))
     ref = apply_rope((x @ w).reshape(2, T, N, H), pos[:, :, None])
-    half = _rope_half((x @ _half_layout(w, N, H)).reshape(2, T, N, H), *_rope_tables(pos, H))
+    half = _rope_half((x @ half_layout(w, H)).reshape(2, T, N, H), *_rope_tables(pos, H))
     back = half.reshape(2, T, N, 2, H // 2).swapaxes(-1, -2).reshape(2, T, N, H)  # half -> interleaved
     np.testing.assert_allclose(np.asarray(back), np.asarray(ref), atol=1e-5, rtol=1e-5)
     z = jnp.linspace(-8.0, 8.0, 101)

@@ -233,3 +233,16 @@ def test_float64_sampling_uses_jax_random_and_is_correct():
             w = np.asarray(z[:, 0] @ mu[0])
             ref = st.vonmises_fisher(np.asarray(mu[0]), 3.0).rvs(4000, random_state=0) @ np.asarray(mu[0])
             assert st.ks_2samp(w, ref).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("m", [1, 7, 1000, 4097])
+def test_unrolled_threefry_words_are_jaxs_threefry2x32_bit_for_bit(m):
+    from jax.extend.random import threefry2x32_p
+
+    from gen_jax.vae.vmf import _threefry_words
+    key = jax.random.key_data(jax.random.key(1234))
+    count = jax.lax.iota(jnp.uint32, m)
+    want = threefry2x32_p.bind(key[0], key[1], count, jnp.zeros_like(count))
+    got = jax.jit(_threefry_words, static_argnums=2)(key[0], key[1], m)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
