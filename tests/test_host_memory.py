@@ -20,7 +20,7 @@ def test_tuned_environ_adds_the_tunables_and_keeps_the_users_own():
     items = dict(kv.split("=") for kv in env["GLIBC_TUNABLES"].split(":"))
     assert items["glibc.malloc.hugetlb"] == "1"
     assert items["glibc.malloc.arena_max"] == "4"  # the user's choice wins
-    assert items["glibc.malloc.mmap_max"] == "0" and items["glibc.malloc.trim_threshold"] == str(1 << 32)
+    assert items["glibc.malloc.mmap_max"] == "0" and items["glibc.malloc.trim_threshold"] == str(1 << 40)
     assert host_memory.is_tuned(env) and not host_memory.is_tuned({"PATH": "/bin"})
 
 
@@ -32,11 +32,12 @@ def test_no_restart_when_opted_out_already_tuned_or_jax_targets_an_accelerator()
 
 
 _ALLOC_LOOP = textwrap.dedent("""
+    import os
     import ctypes, resource, threading
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
-    size = 256 << 20
+    size = int(os.environ.get("BLOCK_MB", "256")) << 20
     def cycle():  # what XLA does per call, on a worker thread: malloc a scratch buffer, write it, free it
         p = libc.malloc(size)
         ctypes.memset(p, 1, size)
@@ -61,6 +62,37 @@ def test_tuned_heap_reuses_a_freed_scratch_buffer_instead_of_faulting_it_in_agai
                                capture_output=True, text=True, check=True).stdout)
     assert untuned > 3 * pages  # glibc mmaps and munmaps the block every time: every page faults again
     assert tuned < pages // 4  # the block stays in the heap and is reused
+
+
+def _faults(env: dict, block_mb: int = 256) -> int:
+    return int(subprocess.run([sys.executable, "-c", _ALLOC_LOOP], env={**env, "BLOCK_MB": str(block_mb)},
+                              capture_output=True, text=True, check=True).stdout)
+
+
+@linux_glibc
+def test_a_scratch_buffer_larger_than_the_trim_threshold_is_given_back_and_faulted_in_again():
+    # why the threshold must exceed the largest step's scratch buffer (5.25 GiB for RoFormer B32 T512): shown
+    # with a 256 MB block against a 64 MB threshold, the user's setting winning over the module's
+    pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    low = host_memory.tuned_environ({**env, "GLIBC_TUNABLES": f"glibc.malloc.trim_threshold={64 << 20}"})
+    assert _faults(low) > 3 * pages
+    assert _faults(host_memory.tuned_environ(env)) < pages // 4
+
+
+@linux_glibc
+def test_glibc_accepts_the_tunables_at_their_values():
+    # glibc silently ignores an out-of-range tunable; its loader reports what it parsed
+    ld_so = next((p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(p)), None)
+    if ld_so is None:
+        pytest.skip("no known dynamic loader path")
+    out = subprocess.run([ld_so, "--list-tunables"], env=host_memory.tuned_environ({}), capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        pytest.skip("this glibc's loader has no --list-tunables (glibc < 2.33)")
+    reported = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+    for name, value in host_memory.TUNABLES.items():
+        assert int(reported[name].split()[0], 0) == int(value), (name, reported[name])
 
 
 @linux_glibc
