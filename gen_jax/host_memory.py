@@ -10,7 +10,7 @@ kernel time per RoFormer step here). Three glibc tunables keep that memory in th
   blocks larger than its 64 MB heap, whatever `mmap_max` says);
 - `glibc.malloc.trim_threshold=1099511627776` (1 TiB): a freed block at the top of the heap is not given back.
   It has to exceed the largest scratch buffer: a RoFormer L6 H384 step at B32 T512 needs 5.25 GiB, and under
-  the 4 GiB threshold used before it was trimmed and faulted in again every step (27-31 s -> 23.5 s a step).
+  the 4 GiB threshold used before it was trimmed and faulted in again every step (27-40 s -> 23.5-25.7 s a step).
 
 Measured on the 2-core development box (benchmarks/RESULTS.md, one core, side by side): DDPM MNIST train step
 71 -> 117 images/s, CIFAR-10 U-Net 1.07 -> 1.52, RoFormer L6 H384 fwd+bwd 2.96 -> 2.43 s at seq 64. The cost is a resident heap at its high-water mark and one
