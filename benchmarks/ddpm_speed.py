@@ -345,7 +345,15 @@ def machine_info() -> dict:
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable, "load_avg_1_5_15": load,
             "jax_device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "speed_env": speed_env()}
+
+
+SPEED_ENV_VARS = ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def speed_env() -> dict:
+    """The environment variables that change either side's speed (malloc tunables, XLA flags, BLAS threads)."""
+    return {k: os.environ[k] for k in SPEED_ENV_VARS if k in os.environ}
 
 
 def versions() -> dict:
@@ -368,6 +376,7 @@ def format_report(res: dict) -> str:
     m, s = res["machine"], res["settings"]
     lines = [f"Machine: {m['cpu']}, {m['usable_cores']} usable cores (of {m['logical_cores']}), load avg "
              f"{m['load_avg_1_5_15']}; torch threads {m['torch_threads']}; jax {m['jax_device']}",
+             "Environment: " + (", ".join(f"{k}={v}" for k, v in m["speed_env"].items()) or "defaults"),
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"Settings: float32 on both sides; train median of {s['repeats']} steps after {s['warmup']} warmup; "
              f"Adam + clip {s['grad_clip']}{' + EMA' if s['ema'] else ''}; dropout as in the preset",

@@ -95,6 +95,21 @@ def test_smallest_run_writes_a_table_and_json(tmp_path, capsys):
     assert res["machine"]["usable_cores"] >= 1
 
 
+def test_reports_record_the_environment_that_changes_speed(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    assert ddpm_speed.speed_env() == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0",
+                                      "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+    res = {"machine": {**ddpm_speed.machine_info(), "load_avg_1_5_15": (0.0, 0.0, 0.0)},
+           "versions": {}, "settings": {"repeats": 1, "warmup": 0, "grad_clip": 1.0, "ema": False},
+           "lucidrains_import": "-", "train": [], "sampling": [], "roofline": None}
+    report = ddpm_speed.format_report(res)
+    assert "Environment: GLIBC_TUNABLES=glibc.malloc.mmap_max=0, XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=" \
+        in report
+
+
 @pytest.mark.parametrize("argv", [[], ["--quick"]])
 def test_flash_peer_has_our_params_plus_its_extras(argv):
     pytest.importorskip("flash_pytorch")
