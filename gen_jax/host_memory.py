@@ -13,8 +13,9 @@ kernel time per RoFormer step here). Three glibc tunables keep that memory in th
   the 4 GiB threshold used before it was trimmed and faulted in again every step (27-40 s -> 23.5-25.7 s a step).
 
 Measured on the 2-core development box (benchmarks/RESULTS.md, one core, side by side): DDPM MNIST train step
-71 -> 117 images/s, CIFAR-10 U-Net 1.07 -> 1.52, RoFormer L6 H384 fwd+bwd 2.96 -> 2.43 s at seq 64. The cost is a resident heap at its high-water mark and one
-lock for all threads' mallocs (harmless for XLA, whose hot loops do not allocate).
+71 -> 117 images/s, CIFAR-10 U-Net 1.07 -> 1.52, RoFormer L6 H384 fwd+bwd 2.96 -> 2.43 s at seq 64. The cost
+is a resident heap at its high-water mark and one lock for all threads' mallocs (harmless for XLA, whose hot
+loops do not allocate).
 
 glibc reads tunables once, at process start (`mallopt` after start does not reach the existing thread
 arenas), so they are set through the environment: `tuned_environ` returns it, and `reexec_if_untuned` re-runs

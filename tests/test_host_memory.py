@@ -32,12 +32,11 @@ def test_no_restart_when_opted_out_already_tuned_or_jax_targets_an_accelerator()
 
 
 _ALLOC_LOOP = textwrap.dedent("""
-    import os
     import ctypes, resource, threading
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
-    size = int(os.environ.get("BLOCK_MB", "256")) << 20
+    size = 256 << 20
     def cycle():  # what XLA does per call, on a worker thread: malloc a scratch buffer, write it, free it
         p = libc.malloc(size)
         ctypes.memset(p, 1, size)
@@ -52,32 +51,30 @@ _ALLOC_LOOP = textwrap.dedent("""
 """)
 
 
+def _faults(env: dict) -> int:
+    """Page faults of four malloc/write/free cycles of a 256 MB block on fresh threads, after a first one."""
+    return int(subprocess.run([sys.executable, "-c", _ALLOC_LOOP], env=env, capture_output=True, text=True,
+                              check=True).stdout)
+
+
+def _pages() -> int:
+    return (256 << 20) // os.sysconf("SC_PAGE_SIZE")
+
+
 @linux_glibc
 def test_tuned_heap_reuses_a_freed_scratch_buffer_instead_of_faulting_it_in_again():
-    pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    untuned = int(subprocess.run([sys.executable, "-c", _ALLOC_LOOP], env=env, capture_output=True, text=True,
-                                 check=True).stdout)
-    tuned = int(subprocess.run([sys.executable, "-c", _ALLOC_LOOP], env=host_memory.tuned_environ(env),
-                               capture_output=True, text=True, check=True).stdout)
-    assert untuned > 3 * pages  # glibc mmaps and munmaps the block every time: every page faults again
-    assert tuned < pages // 4  # the block stays in the heap and is reused
-
-
-def _faults(env: dict, block_mb: int = 256) -> int:
-    return int(subprocess.run([sys.executable, "-c", _ALLOC_LOOP], env={**env, "BLOCK_MB": str(block_mb)},
-                              capture_output=True, text=True, check=True).stdout)
+    assert _faults(env) > 3 * _pages()  # glibc mmaps and munmaps the block every time: every page faults again
+    assert _faults(host_memory.tuned_environ(env)) < _pages() // 4  # the block stays in the heap and is reused
 
 
 @linux_glibc
 def test_a_scratch_buffer_larger_than_the_trim_threshold_is_given_back_and_faulted_in_again():
     # why the threshold must exceed the largest step's scratch buffer (5.25 GiB for RoFormer B32 T512): shown
-    # with a 256 MB block against a 64 MB threshold, the user's setting winning over the module's
-    pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
+    # with the 256 MB block against a 64 MB threshold (the user's setting wins over the module's)
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     low = host_memory.tuned_environ({**env, "GLIBC_TUNABLES": f"glibc.malloc.trim_threshold={64 << 20}"})
-    assert _faults(low) > 3 * pages
-    assert _faults(host_memory.tuned_environ(env)) < pages // 4
+    assert _faults(low) > 3 * _pages()
 
 
 @linux_glibc

@@ -64,6 +64,7 @@ def _Linear(*args, **kwargs) -> nnx.Linear:
     # [B, H, W, C] inputs (attention's qkv) as one 2-D product: no transposed copies in the kernel gradient
     return nnx.Linear(*args, dot_general=flat_dot_general, **kwargs)
 
+
 _default_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 _zero_init = nnx.initializers.zeros_init()
 
