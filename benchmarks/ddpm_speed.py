@@ -356,6 +356,10 @@ def speed_env() -> dict:
     return {k: os.environ[k] for k in SPEED_ENV_VARS if k in os.environ}
 
 
+def speed_env_line(env: dict) -> str:
+    return "Environment: " + (", ".join(f"{k}={v}" for k, v in env.items()) or "defaults")
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -376,7 +380,7 @@ def format_report(res: dict) -> str:
     m, s = res["machine"], res["settings"]
     lines = [f"Machine: {m['cpu']}, {m['usable_cores']} usable cores (of {m['logical_cores']}), load avg "
              f"{m['load_avg_1_5_15']}; torch threads {m['torch_threads']}; jax {m['jax_device']}",
-             "Environment: " + (", ".join(f"{k}={v}" for k, v in m["speed_env"].items()) or "defaults"),
+             speed_env_line(m["speed_env"]),
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"Settings: float32 on both sides; train median of {s['repeats']} steps after {s['warmup']} warmup; "
              f"Adam + clip {s['grad_clip']}{' + EMA' if s['ema'] else ''}; dropout as in the preset",

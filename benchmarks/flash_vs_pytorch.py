@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.ddpm_speed import machine_info, median_step_seconds  # noqa: E402
+from benchmarks.ddpm_speed import machine_info, median_step_seconds, speed_env_line  # noqa: E402
 from benchmarks.flash_scaling import flash_config  # noqa: E402
 from gen_jax.flash import FlashConfig, build, count_params, make_loss_fn  # noqa: E402
 from gen_jax.train.state import TrainState  # noqa: E402
@@ -170,7 +170,7 @@ def format_report(res: dict) -> str:
     m, s, p = res["machine"], res["settings"], res["params"]
     lines = [f"Machine: {m['cpu']}, {m['usable_cores']} usable cores (of {m['logical_cores']}), load avg "
              f"{m['load_avg_1_5_15']}; torch threads {m['torch_threads']}; jax {m['jax_device']}",
-             "Environment: " + (", ".join(f"{k}={v}" for k, v in m["speed_env"].items()) or "defaults"),
+             speed_env_line(m["speed_env"]),
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"Settings: d={s['d_model']}, {s['layers']} layers, s={s['key_size']}, C={s['chunk_size']}, e=2d, "
              f"vocab {s['vocab']}, {s['tokens']} tokens/batch, float32, Adam lr {LR}, median of {s['steps']} "

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `gen_jax` importable from the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gen_jax.roformer import RoFormerConfig, RoFormer, unilm_mask
-from gen_jax.roformer_sim.generate import nucleus_sample, sample_candidates
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.ddpm_speed import speed_env, speed_env_line  # noqa: E402
+from gen_jax.roformer import RoFormerConfig, RoFormer, unilm_mask  # noqa: E402
+from gen_jax.roformer_sim.generate import nucleus_sample, sample_candidates  # noqa: E402
 
 
 def _time(fn, warmup: int, iters: int) -> float:
@@ -134,7 +140,9 @@ def main(argv=None):
         a.batch, seqs, a.n, a.max_new, a.prompt_len, a.iters, a.gen_iters = 4, [16, 32], 8, 8, 6, 2, 1
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; config L{cfg.num_layers} H{cfg.hidden_size} "
           f"A{cfg.num_heads} V{cfg.vocab_size} dtype {a.dtype}")
-    results = {"encoder": [], "generation": None}
+    env = speed_env()
+    print(speed_env_line(env))
+    results = {"environment": env, "encoder": [], "generation": None}
     print("| seq | batch | ours fwd+bwd (ms) | torch fwd+bwd (ms) | ours/torch throughput |")
     print("|---|---|---|---|---|")
     parts = {p.strip() for p in a.parts.split(",") if p.strip()}
