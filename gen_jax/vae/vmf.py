@@ -42,7 +42,8 @@ sample, no singularity). w is drawn by
   tangent direction (eps from g_1 and |g_{2..d}|^2); rejected entries (<= 35%) are redrawn in compacted,
   geometrically shrinking buffers from a pool of cheap proposals (a normal and a Marsaglia-Tsang chi-square per
   eps, one uniform for both rejection tests), so the work is ~N / acceptance proposals instead of N per
-  while_loop round (`_wood_fill`). The acceptance test and sqrt(1 - w^2) are written in closed
+  while_loop round (`_wood_fill`); the buffers' size is picked at run time from the number rejected
+  (`_wood_redraw`). The acceptance test and sqrt(1 - w^2) are written in closed
   forms of (b, eps) that do not cancel near w = 1 (derivation in the function). Gradient w.r.t. kappa:
   implicit reparameterization (Figurnov, Mohamed, Mnih 2018, eq. 6): with F(w; kappa) the CDF of w,
   dw/dkappa = -(dF/dkappa) / p(w), and since d log p(t)/dkappa = t - A_d(kappa),
@@ -503,10 +504,11 @@ _LAST_PROPOSALS = 16
 _SMALL = 256
 
 
-def _redraw_levels(n: int) -> list[tuple[int, int]]:
-    """(buffer size, proposals per slot) of the redraw levels for n entries rejected with rate <= _REJECT_BOUND."""
+def _redraw_levels(n: int, rate: float = _REJECT_BOUND) -> list[tuple[int, int]]:
+    """(buffer size, proposals per slot) of the redraw levels for n entries rejected with rate <= `rate` (each
+    later proposal is rejected with probability <= _REJECT_BOUND)."""
     levels: list[tuple[int, int]] = []
-    size, rate = n, _REJECT_BOUND
+    size = n
     while size * rate > 1e-3 and size > _SMALL:
         mean = rate * size
         sub = min(size, int(math.ceil(mean + 6.0 * math.sqrt(mean))) + 16)
@@ -543,14 +545,15 @@ def _compact(mask: jax.Array, size: int) -> jax.Array:
     return jnp.full((size,), n, jnp.int32).at[target].set(jax.lax.iota(jnp.int32, n), mode="drop")
 
 
-def _wood_fill(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, max_iters: int) -> jax.Array:
+def _wood_fill(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, max_iters: int,
+               first_rate: float = _REJECT_BOUND) -> jax.Array:
     """Replace eps where ~done by accepted Wood draws (1-D arrays of N entries; consts are per-entry arrays).
 
     One pass of the redraw levels (module comment above) is one while_loop round; a second round is needed
     only where the last level still has rejected slots or a buffer overflowed (~1e-3 of calls)."""
     n = eps.shape[0]
     dtype = eps.dtype
-    levels = _redraw_levels(n) or [(n, _LAST_PROPOSALS)]
+    levels = _redraw_levels(n, first_rate) or [(n, _LAST_PROPOSALS)]
 
     def cond(state):
         _, done, it = state
@@ -592,6 +595,55 @@ def _wood_fill(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, 
     return eps
 
 
+# The redraw buffers above are sized for the worst rejection rate, but the actual rate ranges from ~0 (high d,
+# low kappa) to ~0.3, and the fixed cost of the full-size buffers was ~30 ns per entry at d = 10 (as much as the
+# first proposal itself). So the number of rejected entries picks, at run time (lax.switch), the smallest of a
+# few capacities that holds them; the rejected entries are gathered into a buffer of that size (their indices
+# by binary search in the prefix count: no scatter over all n) and redrawn there with levels sized for a buffer
+# that is all rejected. Only the chosen branch runs; every branch is exact (independent redraws of exactly the
+# rejected entries), so the branch choice does not bias anything.
+_REDRAW_CAPACITIES = (1 / 64, 1 / 16, 1 / 4)
+
+
+def _wood_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, max_iters: int) -> jax.Array:
+    """eps with every entry not `done` replaced by an accepted proposal: while more than the largest capacity are
+    rejected, every rejected entry gets one more proposal in place; then `_wood_fill` on the smallest buffer
+    that holds the rest."""
+    n = eps.shape[0]
+    caps = [c for c in (int(math.ceil(f * n)) for f in _REDRAW_CAPACITIES) if _SMALL <= c < n * _REJECT_BOUND]
+    if not caps:
+        return _wood_fill(rng, d, consts, eps, done, max_iters)
+
+    def compacted(cap):
+        def run(key, eps, done):
+            idx = _compact(~done, cap)
+            idx_c = jnp.minimum(idx, n - 1)
+            sub = _wood_fill(key, d, tuple(c[idx_c] for c in consts), eps[idx_c], idx >= n, max_iters,
+                             first_rate=1.0)
+            return eps.at[idx].set(sub, mode="drop"), jnp.ones_like(done)
+        return run
+
+    def in_place(key, eps, done):
+        e, slack = _beta_proposals(key, d, n, eps.dtype)
+        ok = slack < _wood_log_accept(d, consts, e)
+        return jnp.where(done, eps, e), done | ok
+
+    def cond(state):
+        _, done, it = state
+        return jnp.logical_and(~jnp.all(done), it < max_iters)
+
+    def body(state):
+        eps, done, it = state
+        count = jnp.sum(~done, dtype=jnp.int32)
+        which = sum((count > c).astype(jnp.int32) for c in caps)
+        branches = [compacted(c) for c in caps] + [in_place]
+        eps, done = jax.lax.switch(which, branches, jax.random.fold_in(rng, it), eps, done)
+        return eps, done, it + 1
+
+    eps, _, _ = jax.lax.while_loop(cond, body, (eps, done, jnp.asarray(0)))
+    return eps
+
+
 def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], max_iters: int,
               tangent_dtype=None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Accepted eps of `shape` (kappa broadcasts against it; no gradient). With `tangent_dtype`, the first proposal
@@ -614,7 +666,7 @@ def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], 
         e = _eps_from_normal_ratio(g[..., 0].astype(dtype), rest2.astype(dtype)).reshape(-1)
         slack = _log_u(k_u, (size,), dtype)
     ok = slack < _wood_log_accept(d, consts, e)
-    eps = _wood_fill(k_rest, d, consts, e, ok, max_iters)
+    eps = _wood_redraw(k_rest, d, consts, e, ok, max_iters)
     return eps.reshape(shape), y, y_norm
 
 
@@ -675,8 +727,8 @@ def sample_w_wood(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ..
     """Wood's (1994) rejection sampler for w = <mu, x>: returns (w, sqrt(1 - w^2)), each of `shape`.
 
     `kappa` broadcasts against `shape` (e.g. kappa [B] with shape (n, B)). Every entry gets one proposal;
-    the rejected ones (at most ~35%) are redrawn in compacted, shrinking buffers (`_wood_fill`), ~0.8 N
-    proposals in all instead of N per while_loop round. Each proposal costs three random numbers (eps from a
+    the rejected ones (at most ~35%) are redrawn in compacted, shrinking buffers (`_wood_redraw`), sized at run
+    time from how many were rejected, instead of N proposals per while_loop round. Each proposal costs three random numbers (eps from a
     normal and a Marsaglia-Tsang chi-square, one uniform for the joint acceptance test).
     Differentiable w.r.t. kappa by implicit reparameterization (exact dw/dkappa per sample, module doc).
     """

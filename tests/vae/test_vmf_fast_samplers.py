@@ -43,6 +43,19 @@ def test_box_muller_normals_uniforms_and_circle_are_correctly_distributed():
     assert abs(np.corrcoef(np.asarray(a, np.float64), np.asarray(b, np.float64))[0, 1]) < 4 / math.sqrt(50_000)
 
 
+def test_materialize_returns_every_bit_pattern_unchanged():
+    # the one-loop, two-output trick (an OR-reduce over two copies) must be the identity, NaNs and -0 included
+    bits = np.random.RandomState(0).randint(0, 2 ** 32, 4099, dtype=np.uint64).astype(np.uint32)
+    bits[:6] = [0x7FC00000, 0xFFC00001, 0x80000000, 0x00000001, 0x7F800000, 0xFFFFFFFF]
+    floats = bits.view(np.float32)
+    ints = bits[::-1].copy().view(np.int32)
+    got = jax.jit(lambda a, b, c: vmf._materialize(a, b, c))(jnp.asarray(bits), jnp.asarray(floats),
+                                                              jnp.asarray(ints))
+    for g, want in zip(got, (bits, floats, ints)):
+        assert g.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint32), want.view(np.uint32))
+
+
 def test_non_threefry_keys_and_raw_keys_sample_correctly():
     mu = jnp.asarray(_unit(10, 0)[None], jnp.float32)
     for key in (jax.random.key(0, impl="rbg"), jax.random.PRNGKey(3)):
@@ -185,6 +198,24 @@ def test_wood_redraw_levels_overflow_and_small_buffers_stay_exact(monkeypatch):
     # tiny batches (no levels: one buffer of 16 proposals per entry per round)
     w, _ = jax.jit(lambda k: vmf.sample_w_wood(k, d, jnp.full((7, 3), kappa), (50, 7, 3)))(jax.random.key(12))
     assert st.ks_2samp(np.asarray(w, np.float64).ravel(), ref).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("rejected", [0.01, 0.05, 0.2, 0.35])
+def test_redraw_replaces_exactly_the_rejected_entries_with_woods_distribution(rejected):
+    # the rejected count picks the branch at run time: a buffer of n/64, n/16 or n/4 slots, or (above n/4) one
+    # in-place proposal per rejected entry first; each must redraw exactly the rejected entries, exactly
+    d, kappa, n = 10, 20.0, 40_000
+    done = np.random.RandomState(1).rand(n) >= rejected
+    sentinel = np.float32(0.123)
+    consts = tuple(jnp.broadcast_to(c, (n,)) for c in vmf._wood_consts(d, jnp.float32(kappa)))
+    eps = jax.jit(lambda k: vmf._wood_redraw(k, d, consts, jnp.full((n,), sentinel), jnp.asarray(done), 1000))(
+        jax.random.key(3))
+    eps = np.asarray(eps)
+    np.testing.assert_array_equal(eps[done], sentinel)  # accepted entries are kept bit for bit
+    w = np.asarray(vmf._wood_w(consts[0][0], jnp.asarray(eps[~done]))[0], np.float64)
+    assert w.size == (~done).sum() and np.all(np.abs(w) <= 1)
+    ref = st.vonmises_fisher(np.eye(d)[0], kappa).rvs(20_000, random_state=4)[:, 0]
+    assert st.ks_2samp(w, ref).pvalue > 1e-3
 
 
 def test_redraw_levels_shrink_and_cover_the_worst_rejection_rate():
