@@ -509,10 +509,13 @@ def _redraw_levels(n: int, rate: float = _REJECT_BOUND) -> list[tuple[int, int]]
     later proposal is rejected with probability <= _REJECT_BOUND)."""
     levels: list[tuple[int, int]] = []
     size = n
-    while size * rate > 1e-3 and size > _SMALL:
+    if n <= _SMALL:
+        return levels
+    while size * rate > 1e-3:
         mean = rate * size
         sub = min(size, int(math.ceil(mean + 6.0 * math.sqrt(mean))) + 16)
-        k = _LEVEL_PROPOSALS[len(levels)] if len(levels) < len(_LEVEL_PROPOSALS) and mean >= 100 else _LAST_PROPOSALS
+        last = len(levels) >= len(_LEVEL_PROPOSALS) or mean < 100 or size <= _SMALL
+        k = _LAST_PROPOSALS if last else _LEVEL_PROPOSALS[len(levels)]
         levels.append((sub, k))
         size, rate = sub, _REJECT_BOUND ** k
     return levels

@@ -220,14 +220,19 @@ def test_redraw_replaces_exactly_the_rejected_entries_with_woods_distribution(re
 
 def test_redraw_levels_shrink_and_cover_the_worst_rejection_rate():
     assert vmf._redraw_levels(100) == []
-    for n in (2_000, 20_000, 10 ** 6):
+    for n in (300, 2_000, 5_000, 20_000, 10 ** 6):
         levels = vmf._redraw_levels(n)
         assert levels[0][0] >= 0.39 * n and levels[0][1] == 1
         assert all(a[0] > b[0] for a, b in zip(levels, levels[1:]))
         size, k = levels[-1]
-        assert size * vmf._REJECT_BOUND ** k < 1e-3
+        assert size * vmf._REJECT_BOUND ** k < 1e-3  # one while_loop round is almost always enough
         if n >= 20_000:  # proposals drawn per entry (the fixed margins dominate for small n)
             assert sum(s * k for s, k in levels) < n
+        # a buffer whose entries are all rejected (the run-time sized buffers of _wood_redraw)
+        levels = vmf._redraw_levels(n, rate=1.0)
+        assert levels[0] == (n, 1) and all(a[0] > b[0] for a, b in zip(levels, levels[1:]))
+        size, k = levels[-1]
+        assert size * vmf._REJECT_BOUND ** k < 1e-3
     # Wood's worst acceptance (kappa -> inf) times Marsaglia-Tsang's (a = 1) stays above 1 - _REJECT_BOUND
     d, n = 3, 200_000
     e, slack = vmf._beta_proposals(jax.random.key(0), d, n, jnp.float32)
