@@ -798,8 +798,10 @@ def _from_north_pole(mu: jax.Array, w: jax.Array, s_over_norm: jax.Array, g: jax
     sigma = jnp.where(mu[..., :1] >= 0, 1.0, -1.0).astype(mu.dtype)
     v = jnp.where(tail > 0, sigma * mu, 1.0 + sigma * mu[..., :1])
     c = mu * tail * (2.0 / jnp.sum(v * v, axis=-1, keepdims=True))
-    # <c, g> as a matrix-vector product: a sum over a short minor axis vectorizes badly on CPU
-    k = (g * c) @ jnp.ones((d,), g.dtype)
+    if d <= 3:  # two products: elementwise on the (stacked) cos and sin arrays, no pass over [N, 3]
+        k = c[..., 1] * g[..., 1] + (c[..., 2] * g[..., 2] if d == 3 else 0.0)
+    else:  # <c, g> as a matrix-vector product: a sum over a short minor axis vectorizes badly on CPU
+        k = (g * c) @ jnp.ones((d,), g.dtype)
     return w[..., None] * mu + s_over_norm[..., None] * (k[..., None] * v - sigma * (g * tail))
 
 
