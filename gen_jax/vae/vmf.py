@@ -798,9 +798,9 @@ def _from_north_pole(mu: jax.Array, w: jax.Array, s_over_norm: jax.Array, g: jax
     sigma = jnp.where(mu[..., :1] >= 0, 1.0, -1.0).astype(mu.dtype)
     v = jnp.where(tail > 0, sigma * mu, 1.0 + sigma * mu[..., :1])
     c = mu * tail * (2.0 / jnp.sum(v * v, axis=-1, keepdims=True))
-    if d <= 3:  # two products: elementwise on the (stacked) cos and sin arrays, no pass over [N, 3]
-        k = c[..., 1] * g[..., 1] + (c[..., 2] * g[..., 2] if d == 3 else 0.0)
-    else:  # <c, g> as a matrix-vector product: a sum over a short minor axis vectorizes badly on CPU
+    if d <= 16:  # d - 1 products per row in the fusion that reads g (for d = 3 the cos and sin arrays themselves)
+        k = sum(c[..., j] * g[..., j] for j in range(1, d))
+    else:  # <c, g> as a matrix-vector product: a long sum over a short minor axis vectorizes badly on CPU
         k = (g * c) @ jnp.ones((d,), g.dtype)
     return w[..., None] * mu + s_over_norm[..., None] * (k[..., None] * v - sigma * (g * tail))
 
