@@ -30,6 +30,7 @@ import numpy as np
 import scipy.stats as st
 from flax import nnx
 
+from benchmarks.ddpm_speed import speed_env, speed_env_line
 from gen_jax.vae import GaussianVAE, log_likelihood, vmf
 
 
@@ -113,7 +114,9 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=100)
     p.add_argument("--skip-eval", action="store_true")
     args = p.parse_args(argv)
-    print(f"backend: {jax.default_backend()}, devices: {jax.devices()[0].device_kind}, clock: {args.clock}")
+    print(f"backend: {jax.default_backend()}, devices: {jax.devices()[0].device_kind}, clock: {args.clock}, "
+          f"jax {jax.__version__}, scipy {__import__('scipy').__version__}")
+    print(speed_env_line(speed_env()))
     for n in (int(x) for x in args.n.split(",")):
         print(f"\nvMF sampling, n = {n} samples per setting (samples/s; ratio = ours / scipy; ours = exact inverse "
               f"CDF for d = 3, Wood otherwise)")

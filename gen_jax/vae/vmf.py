@@ -229,7 +229,7 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
 # threefry2x32 block (64 output bits) per float32 (with jax_threefry_partitionable, the default, it XORs the two
 # words), and `jax.random.normal` adds an erf_inv per draw. For threefry keys we hash a counter iota ourselves
 # (`_threefry_words`: bit-identical, rounds unrolled, both words from one pass) and keep both words (other key
-# implementations go through `jax.random.bits`), and in float32
+# implementations seed the same hash with two words drawn from the key), and in float32
 # (other dtypes use jax.random):
 #   uniforms: k 2^-23 from the top 23 bits of a word (jax.random.uniform's grid);
 #   normals: Box-Muller from one block: rho = sqrt(-2 log u), u = (a + 1/2) 2^-32 from the first word (finer
@@ -290,10 +290,14 @@ def _threefry_words(k0: jax.Array, k1: jax.Array, m: int) -> tuple[jax.Array, ja
 
 
 def _word_pairs(rng: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
-    """Two arrays of m uint32 random words, a deterministic function of the key (for threefry keys: the two
-    output words of one threefry2x32 block per counter)."""
-    if _is_threefry_key(rng) and 0 < m < 2 ** 32:
-        key = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    """Two arrays of m uint32 random words, a deterministic function of the key: the two output words of one
+    threefry2x32 block per counter, keyed by a threefry key's own data, or for other key implementations (rbg,
+    unsafe_rbg) by two words drawn from the key (their bit generators are several times slower on CPU)."""
+    if 0 < m < 2 ** 32:
+        if _is_threefry_key(rng):
+            key = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+        else:
+            key = jax.random.bits(rng, (2,), jnp.uint32)
         return _threefry_words(key[0], key[1], m)
     bits = jax.random.bits(rng, (2, m), jnp.uint32)
     return bits[0], bits[1]

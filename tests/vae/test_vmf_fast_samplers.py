@@ -57,6 +57,12 @@ def test_materialize_returns_every_bit_pattern_unchanged():
 
 
 def test_non_threefry_keys_and_raw_keys_sample_correctly():
+    # rbg keys seed the same threefry hash with two words drawn from the key: deterministic, key-dependent
+    k1, k2 = jax.random.key(0, impl="rbg"), jax.random.key(1, impl="rbg")
+    a1, _ = vmf._word_pairs(k1, 50_000)
+    np.testing.assert_array_equal(np.asarray(a1), np.asarray(vmf._word_pairs(k1, 50_000)[0]))
+    assert np.mean(np.asarray(a1) == np.asarray(vmf._word_pairs(k2, 50_000)[0])) < 1e-3
+    assert st.kstest(np.asarray(a1, np.float64) / 2 ** 32, "uniform").pvalue > 1e-3
     mu = jnp.asarray(_unit(10, 0)[None], jnp.float32)
     for key in (jax.random.key(0, impl="rbg"), jax.random.PRNGKey(3)):
         z = np.asarray(vmf.sample(key, mu, jnp.array([20.0]), 4000), np.float64)
