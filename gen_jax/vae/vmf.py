@@ -264,8 +264,6 @@ def _materialize(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(jax.lax.bitcast_convert_type(o, a.dtype) for o, a in zip(out, arrays))
 
 
-
-
 def _threefry_words(k0: jax.Array, k1: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     """threefry2x32 of counters (i, 0), i < m, bit-identical to jax's threefry2x32 primitive, with the 20
     rounds unrolled (one fused, vectorized pass instead of XLA's 5-step loop that stores both words every 4
@@ -605,10 +603,11 @@ def _wood_fill(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, 
 # The redraw buffers above are sized for the worst rejection rate, but the actual rate ranges from ~0 (high d,
 # low kappa) to ~0.3, and the fixed cost of the full-size buffers was ~30 ns per entry at d = 10 (as much as the
 # first proposal itself). So the number of rejected entries picks, at run time (lax.switch), the smallest of a
-# few capacities that holds them; the rejected entries are gathered into a buffer of that size (their indices
-# by binary search in the prefix count: no scatter over all n) and redrawn there with levels sized for a buffer
-# that is all rejected. Only the chosen branch runs; every branch is exact (independent redraws of exactly the
-# rejected entries), so the branch choice does not bias anything.
+# few capacities that holds them; the rejected entries are compacted (`_compact`) into a buffer of that size
+# and redrawn there with levels sized for a buffer that is all rejected. Above the largest capacity, every
+# rejected entry first gets one more proposal in place (no compaction), and the count is taken again. Only the
+# chosen branch runs; every branch is exact (independent redraws of exactly the rejected entries), so the
+# branch choice does not bias anything.
 _REDRAW_CAPACITIES = (1 / 64, 1 / 16, 1 / 4)
 
 
@@ -735,8 +734,9 @@ def sample_w_wood(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ..
 
     `kappa` broadcasts against `shape` (e.g. kappa [B] with shape (n, B)). Every entry gets one proposal;
     the rejected ones (at most ~35%) are redrawn in compacted, shrinking buffers (`_wood_redraw`), sized at run
-    time from how many were rejected, instead of N proposals per while_loop round. Each proposal costs three random numbers (eps from a
-    normal and a Marsaglia-Tsang chi-square, one uniform for the joint acceptance test).
+    time from how many were rejected, instead of N proposals per while_loop round. Each proposal costs three
+    random numbers (eps from a normal and a Marsaglia-Tsang chi-square, one uniform for the joint acceptance
+    test).
     Differentiable w.r.t. kappa by implicit reparameterization (exact dw/dkappa per sample, module doc).
     """
     d = _check_dim(d)
