@@ -37,15 +37,28 @@ sample, no singularity). w is drawn by
 - `sample_w_d3` (d = 3, the default there): the exact inverse CDF, w = 1 + log1p(q expm1(-2 kappa)) / kappa at
   CDF level 1 - q, one uniform per sample, written so that 1 - w, sqrt(1 - w^2) and the kappa-derivative at
   fixed q (which is the implicit-reparameterization derivative below) are accurate from kappa = 0 to 1e4.
-- `sample_w_wood` (d != 3): Wood's (1994) rejection sampler, eps ~ Beta((d-1)/2, (d-1)/2),
-  w = (1 - (1+b) eps) / (1 - (1-b) eps). In `sample` the first proposal comes from the same d normals as the
-  tangent direction (eps from g_1 and |g_{2..d}|^2); rejected entries (<= 35%) are redrawn in compacted,
-  geometrically shrinking buffers from a pool of cheap proposals (a normal and a Marsaglia-Tsang chi-square per
-  eps, one uniform for both rejection tests), so the work is ~N / acceptance proposals instead of N per
-  while_loop round (`_wood_fill`); the buffers' size is picked at run time from the number rejected
-  (`_wood_redraw`). The acceptance test and sqrt(1 - w^2) are written in closed
-  forms of (b, eps) that do not cancel near w = 1 (derivation in the function). Gradient w.r.t. kappa:
-  implicit reparameterization (Figurnov, Mohamed, Mnih 2018, eq. 6): with F(w; kappa) the CDF of w,
+- `sample_w_wood` (d != 3): rejection sampling from one of two envelopes, whichever accepts more at this
+  (d, kappa) (`_use_gamma`):
+  Wood's (1994): eps ~ Beta(a, a), a = (d-1)/2, w = (1 - (1+b) eps) / (1 - (1-b) eps); its acceptance falls
+  from ~1 at small kappa to ~0.7 as kappa grows.
+  The gamma envelope (this module's): with s = (1 - w) / 2 the density of s on [0, 1] is
+  oc s^{a-1} (1 - s)^{a-1} e^{-2 kappa s}, and (1 - s) <= e^{-s} bounds it by s^{a-1} e^{-lam s},
+  lam = 2 kappa + a - 1, a Gamma(a, rate lam) kernel: s = G / lam, G ~ Gamma(a), accepted with probability
+  ((1 - s) e^s)^{a-1} (s < 1; needs a >= 1). Its acceptance tends to 1 as kappa grows (0.975 at d = 10,
+  kappa = 20, where Wood's is 0.775; 1 - 4e-5 at kappa = 500, Wood's 0.704). Both acceptance probabilities
+  are closed forms with the same factor int e^{kappa w} (1 - w^2)^{a-1} dw, so their ratio, which picks the
+  envelope, is elementary (`_use_gamma`; tests check it against quadrature). Both are written as w(b, eps)
+  with b = 1 for the gamma envelope (eps = s).
+  In `sample` the first proposal comes from the same d normals as the tangent direction (Wood's eps from g_1
+  and |g_{2..d}|^2, or G = |g_{2..d}|^2 / 2). Rejected entries are redrawn from pools of cheap proposals (a
+  normal and a Marsaglia-Tsang chi-square per proposal, one uniform for both rejection tests): with one kappa
+  per column (the layout of `sample`), the r-th rejected entry of a column takes the r-th accepted proposal of
+  the column's pool, sized at run time from the rejected count (`_pool_redraw`); otherwise the rejected entries
+  are compacted into geometrically shrinking buffers (`_wood_fill`, sized at run time by `_wood_redraw`). The
+  acceptance tests and sqrt(1 - w^2) are written in closed forms of (b, eps) that do not cancel near w = 1
+  (derivation in `_wood_consts`).
+  Gradient w.r.t. kappa (the same for both envelopes: it depends on w only): implicit reparameterization
+  (Figurnov, Mohamed, Mnih 2018, eq. 6): with F(w; kappa) the CDF of w,
   dw/dkappa = -(dF/dkappa) / p(w), and since d log p(t)/dkappa = t - A_d(kappa),
 
       dw/dkappa = int_w^1 (t - A_d) p(t) dt / p(w)
@@ -414,18 +427,63 @@ def _wood_b(d: int, kappa: jax.Array) -> jax.Array:
     return m1 / (2.0 * kappa + jnp.sqrt(4.0 * kappa * kappa + m1 * m1))
 
 
-def _wood_consts(d: int, kappa: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(b, c1, c0) with Wood's log acceptance ratio = c1 (1 - 2e) / D - (d - 1) log D + c0, D = 1 - (1 - b) e:
-    kappa (w - x0) + (d-1) [log(1 - x0 w) - log(1 - x0^2)], x0 = (1-b)/(1+b), where
-    w - x0 = 2b(1-2e) / ((1+b) D) and log(1 - x0 w) - log(1 - x0^2) = log(1+b) - log 2 - log D."""
+def _use_gamma(d: int, kappa: jax.Array) -> jax.Array:
+    """Whether the gamma envelope (module doc) accepts more proposals than Wood's at this (d, kappa): the log
+    ratio of the two acceptance probabilities, both closed forms with the same Bessel factor, which cancels:
+
+        a log lam + 2a log 2 + a log b - 2a log(1 + b) - 2 kappa b / (1 + b) + lgamma(a) - lgamma(2a) > 0,
+
+    a = (d-1)/2, lam = 2 kappa + a - 1, b Wood's parameter. Needs a >= 1; only used for d >= 4."""
+    if d < 4:
+        return jnp.zeros(jnp.shape(kappa), bool)
+    a = 0.5 * (d - 1.0)
     b = _wood_b(d, kappa)
-    return b, 2.0 * kappa * b / (1.0 + b), (d - 1.0) * (jnp.log1p(b) - math.log(2.0))
+    lam = 2.0 * kappa + (a - 1.0)
+    log_ratio = (a * jnp.log(lam) + 2.0 * a * math.log(2.0) + a * jnp.log(b) - 2.0 * a * jnp.log1p(b)
+                 - 2.0 * kappa * b / (1.0 + b) + (math.lgamma(a) - math.lgamma(2.0 * a)))
+    return log_ratio > 0
+
+
+def _proposal_b(d: int, kappa: jax.Array) -> jax.Array:
+    """b of w = (1 - (1+b) e) / (1 - (1-b) e) for the envelope in use: Wood's b, or 1 for the gamma envelope
+    (w = 1 - 2 e, e = (1 - w) / 2)."""
+    return jnp.where(_use_gamma(d, kappa), 1.0, _wood_b(d, kappa))
+
+
+def _wood_consts(d: int, kappa: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(b, c1, c0, h) of the envelope in use for each kappa (`_use_gamma`).
+
+    Wood's: h = 0, and the log acceptance ratio is c1 (1 - 2e) / D - (d - 1) log D + c0, D = 1 - (1 - b) e:
+    kappa (w - x0) + (d-1) [log(1 - x0 w) - log(1 - x0^2)], x0 = (1-b)/(1+b), where
+    w - x0 = 2b(1-2e) / ((1+b) D) and log(1 - x0 w) - log(1 - x0^2) = log(1+b) - log 2 - log D.
+    Gamma: b = 1, c1 = c0 = 0, h = 1 / (2 lam): the proposal is e = h q for q ~ chi^2_{d-1}, accepted with
+    log ratio (a - 1) (log(1 - e) + e) (-inf for e >= 1)."""
+    b = _wood_b(d, kappa)
+    c1, c0 = 2.0 * kappa * b / (1.0 + b), (d - 1.0) * (jnp.log1p(b) - math.log(2.0))
+    if d < 4:
+        return b, c1, c0, jnp.zeros_like(b)
+    gamma = _use_gamma(d, kappa)
+    h = 0.5 / (2.0 * kappa + (0.5 * (d - 1.0) - 1.0))
+    zero = jnp.zeros_like(b)
+    return jnp.where(gamma, 1.0, b), jnp.where(gamma, zero, c1), jnp.where(gamma, zero, c0), jnp.where(gamma, h, zero)
 
 
 def _wood_log_accept(d: int, consts, e: jax.Array) -> jax.Array:
-    b, c1, c0 = consts
-    den = 1.0 - (1.0 - b) * e
-    return c1 * (1.0 - 2.0 * e) / den - (d - 1.0) * jnp.log(den) + c0
+    b, c1, c0, h = consts
+    if d < 4:
+        den = 1.0 - (1.0 - b) * e
+        return c1 * (1.0 - 2.0 * e) / den - (d - 1.0) * jnp.log(den) + c0
+    gamma = h > 0
+    den = 1.0 - jnp.where(gamma, 1.0, 1.0 - b) * e  # Wood's D, or 1 - e (which is <= 0 for e >= 1: rejected)
+    log_den = jnp.log(jnp.maximum(den, 0.0))
+    wood = c1 * (1.0 - 2.0 * e) / jnp.maximum(den, jnp.finfo(e.dtype).tiny) - (d - 1.0) * log_den + c0
+    return jnp.where(gamma, (0.5 * (d - 1.0) - 1.0) * (log_den + e), wood)
+
+
+def _proposal_eps(h: jax.Array, e_beta: jax.Array, q: jax.Array) -> jax.Array:
+    """The envelope's proposal from the same random numbers: Wood's Beta e_beta where h = 0, h q otherwise
+    (q ~ chi^2_{d-1}: s = G / lam with G = q / 2 ~ Gamma((d-1)/2))."""
+    return jnp.where(h > 0, jnp.maximum(h * q, 1e-30), e_beta)
 
 
 def _clip_eps(e: jax.Array) -> jax.Array:
@@ -434,20 +492,24 @@ def _clip_eps(e: jax.Array) -> jax.Array:
 
 def _eps_from_normal_ratio(z: jax.Array, q: jax.Array) -> jax.Array:
     """eps = (1 + z / sqrt(z^2 + q)) / 2 ~ Beta((d-1)/2, (d-1)/2) when z ~ N(0, 1), q ~ chi^2_{d-1}
-    (z / |g| is the first coordinate of a uniform point on S^{d-1}); for z < 0 as q / (2 r (r - z)) so that
-    eps keeps its relative precision near 0 (w near 1)."""
-    r = jnp.maximum(jnp.sqrt(z * z + q), jnp.finfo(z.dtype).tiny)
-    return _clip_eps(jnp.where(z >= 0, (r + z) / (2.0 * r), q / (2.0 * r * (r - z))))
+    (z / |g| is the first coordinate of a uniform point on S^{d-1}), as m = q / (2 r (r + |z|)) for z < 0 so
+    that eps keeps its relative precision near 0 (w near 1), and as 1 - m for z >= 0 (r^2 - z^2 = q): one
+    division and one square root per proposal."""
+    tiny = jnp.finfo(z.dtype).tiny
+    r = jnp.sqrt(z * z + q)
+    m = q / jnp.maximum(2.0 * r * (r + jnp.abs(z)), tiny)
+    return _clip_eps(jnp.where(z < 0, m, 1.0 - m))
 
 
 def _log_u(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     return jnp.log(1.0 - _uniform(rng, shape, dtype))  # 1 - U[0, 1) is in (0, 1]
 
 
-def _beta_proposals(rng: jax.Array, d: int, size: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """`size` Wood proposals eps ~ Beta((d-1)/2, (d-1)/2) (before Wood's test) and their slack
+def _beta_proposals(rng: jax.Array, d: int, size: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`size` Wood proposals eps ~ Beta((d-1)/2, (d-1)/2) (before Wood's test), the chi-square q ~ chi^2_{d-1}
+    they are made from (the gamma envelope's proposal is h q, `_proposal_eps`), and their slack
     log u - log r_MT, from three random numbers each (two normals and a uniform): a proposal is accepted iff
-    slack < Wood's log acceptance ratio of its eps (`_wood_log_accept`).
+    slack < the log acceptance ratio of its eps (`_wood_log_accept`).
 
     eps from `_eps_from_normal_ratio` with q = 2 G, G ~ Gamma((d-1)/2) by Marsaglia and Tsang (2000):
     G = a' v, v = (1 + c x)^3, x ~ N(0, 1), a' = a - 1/3, c = 1/sqrt(9 a'), accepted with probability
@@ -469,21 +531,23 @@ def _beta_proposals(rng: jax.Array, d: int, size: int, dtype) -> tuple[jax.Array
         z, x = _normal(k_n, (2, size), dtype)
         log_u = _log_u(k_u, (size,), dtype)
     if d < 3:
-        return _eps_from_normal_ratio(z, x * x), log_u
+        return _eps_from_normal_ratio(z, x * x), x * x, log_u
     a1 = 0.5 * (d - 1.0) - 1.0 / 3.0
     y = x / math.sqrt(9.0 * a1)
     ok = y > -1.0
     y = jnp.where(ok, y, 0.0)
     # log r_MT = x^2/2 + a'(1 - v + log v) with v = (1 + y)^3: 1 - v + log v = 3 (log1p(y) - y) - 3 y^2 - y^3
     log_r_mt = 0.5 * x * x + a1 * (3.0 * (jnp.log1p(y) - y) - y * y * (3.0 + y))
-    e = _eps_from_normal_ratio(z, 2.0 * a1 * (1.0 + y) ** 3)
-    return e, jnp.where(ok, log_u - log_r_mt, jnp.inf)
+    q = 2.0 * a1 * (1.0 + y) ** 3
+    return _eps_from_normal_ratio(z, q), q, jnp.where(ok, log_u - log_r_mt, jnp.inf)
 
 
-def _first_accepted(d: int, consts, e: jax.Array, slack: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Proposals [S, K] for S slots with per-slot consts [S]: the first accepted eps of each slot (in order),
-    and whether there was one."""
-    ok = slack < _wood_log_accept(d, tuple(c[:, None] for c in consts), e)
+def _first_accepted(d: int, consts, e_beta: jax.Array, q: jax.Array, slack: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Proposals [S, K] (`_beta_proposals`) for S slots with per-slot consts [S]: the first accepted eps of each
+    slot (in order), and whether there was one."""
+    consts = tuple(c[:, None] for c in consts)
+    e = _proposal_eps(consts[3], e_beta, q)
+    ok = slack < _wood_log_accept(d, consts, e)
     first = jnp.argmax(ok, axis=-1)
     return jnp.take_along_axis(e, first[:, None], axis=-1)[:, 0], jnp.any(ok, axis=-1)
 
@@ -561,7 +625,8 @@ def _wood_fill(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, 
 
     def body(state):
         eps, done, it = state
-        pool_e, pool_slack = _beta_proposals(jax.random.fold_in(rng, it), d, sum(s * k for s, k in levels), dtype)
+        pool_e, pool_q, pool_slack = _beta_proposals(jax.random.fold_in(rng, it), d, sum(s * k for s, k in levels),
+                                                     dtype)
         # down: compact the rejected entries of each buffer into the next; a level as large as the buffer
         # above it (small n) takes all its entries in place and keeps the accepted ones
         bufs = []  # (indices into the buffer above, eps, done) per level
@@ -574,7 +639,7 @@ def _wood_fill(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, 
             lvl_consts = tuple(c[idx_c] for c in above_consts)
             seg = slice(offset, offset + size * k)
             offset += size * k
-            e, got = _first_accepted(d, lvl_consts, pool_e[seg].reshape(size, k), pool_slack[seg].reshape(size, k))
+            e, got = _first_accepted(d, lvl_consts, *(x[seg].reshape(size, k) for x in (pool_e, pool_q, pool_slack)))
             if size == m:
                 e, got = jnp.where(above_done, above_e, e), got | above_done
             got = got | ~valid
@@ -625,7 +690,8 @@ def _wood_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array
         return run
 
     def in_place(key, eps, done):
-        e, slack = _beta_proposals(key, d, n, eps.dtype)
+        e, q, slack = _beta_proposals(key, d, n, eps.dtype)
+        e = _proposal_eps(consts[3], e, q)
         ok = slack < _wood_log_accept(d, consts, e)
         return jnp.where(done, eps, e), done | ok
 
@@ -645,6 +711,69 @@ def _wood_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array
     return eps
 
 
+_POOL_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8)
+_POOL_MIN_ROWS = 512
+
+
+def _row_prefix_count(mask: jax.Array) -> jax.Array:
+    """Inclusive cumulative count along the last axis of a 2-D bool mask [C, m] (int32)."""
+    c, m = mask.shape
+    flat = _prefix_count(mask.reshape(-1)).reshape(c, m)
+    if c == 1:
+        return flat
+    base = jnp.concatenate([jnp.zeros((1,), jnp.int32), flat[:-1, -1]])
+    return flat - base[:, None]
+
+
+def _pool_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, max_iters: int) -> jax.Array:
+    """eps [C, m] with every entry not `done` replaced by an accepted Wood draw, where row c has the constants
+    consts[.][c] (one kappa per row).
+
+    Each round draws a pool of proposals per row (its size picked at run time from the largest rejected count),
+    and gives the r-th rejected entry of a row the r-th accepted proposal of the same row's pool: no compaction
+    of the entries, one scatter over the pool and one gather. The pool is independent of the entries and its
+    accepted proposals are iid Wood draws, so every rejected entry gets an independent exact draw; entries left
+    over when a pool runs short (~3e-5 per round) wait for the next round."""
+    c, m = eps.shape
+    sizes = sorted({32 * max(1, int(math.ceil(f * m / 32))) for f in _POOL_FRACTIONS})  # no pad in the prefix count
+    col = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+
+    def pool_round(size):
+        def run(key, eps, done, rank):
+            e, q, slack = (x.reshape(c, size) for x in _beta_proposals(key, d, c * size, eps.dtype))
+            row_consts = tuple(x[:, None] for x in consts)
+            e = _proposal_eps(row_consts[3], e, q)
+            ok = slack < _wood_log_accept(d, row_consts, e)
+            acc_rank = _row_prefix_count(ok)
+            target = jnp.where(ok, col * size + acc_rank - 1, c * size)
+            accepted = jnp.zeros((c * size,), eps.dtype).at[target.reshape(-1)].set(e.reshape(-1), mode="drop")
+            fill = ~done & (rank <= acc_rank[:, -1:])
+            pick = accepted[jnp.clip(col * size + rank - 1, 0, c * size - 1)]
+            return jnp.where(fill, pick, eps), done | fill
+        return run
+
+    def cond(state):
+        _, done, it = state
+        return jnp.logical_and(~jnp.all(done), it < max_iters)
+
+    def body(state):
+        eps, done, it = state
+        rank = _row_prefix_count(~done)
+        # pool size: enough for the row with most rejected entries at its observed rejection rate plus 0.05
+        # (the pool's own proposals add the Marsaglia-Tsang step), 4 sigma above the mean; a shortfall only
+        # costs another round
+        count = rank[:, -1].astype(jnp.float32)
+        rate = jnp.minimum(jnp.max(count) / m + 0.05, _REJECT_BOUND)
+        need = (jnp.max(count) + 4.0 * jnp.sqrt(jnp.max(count)) + 8.0) / (1.0 - rate)
+        which = sum((need > s).astype(jnp.int32) for s in sizes[:-1])
+        eps, done = jax.lax.switch(which, [pool_round(s) for s in sizes], jax.random.fold_in(rng, it), eps, done,
+                                   rank)
+        return eps, done, it + 1
+
+    eps, _, _ = jax.lax.while_loop(cond, body, (eps, done, jnp.asarray(0)))
+    return eps
+
+
 def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], max_iters: int,
               tangent_dtype=None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Accepted eps of `shape` (kappa broadcasts against it; no gradient). With `tangent_dtype`, the first proposal
@@ -658,16 +787,30 @@ def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], 
     k_first, k_rest = jax.random.split(rng)
     y = y_norm = None
     if tangent_dtype is None:
-        e, slack = _beta_proposals(k_first, d, size, dtype)
+        e, q, slack = _beta_proposals(k_first, d, size, dtype)
+        e = _proposal_eps(consts[3], e, q)
     else:
         k_g, k_u = jax.random.split(k_first)
         g = _normal(k_g, (*shape, d), tangent_dtype)
-        rest2 = (g * g) @ (jnp.arange(d) > 0).astype(g.dtype)  # |g_{2..d}|^2 (matvec: see _from_north_pole)
+        if d <= 16 and _is_f32(g.dtype):
+            # |g_{2..d}|^2 as d - 1 products in one fusion that reads g (see _from_north_pole), materialized once
+            # (its several consumers would each recompute it)
+            rest2 = _materialize(sum(g[..., j] * g[..., j] for j in range(1, d)).reshape(-1))[0].reshape(shape)
+        else:
+            rest2 = (g * g) @ (jnp.arange(d) > 0).astype(g.dtype)
         y, y_norm = g, jnp.sqrt(rest2)
-        e = _eps_from_normal_ratio(g[..., 0].astype(dtype), rest2.astype(dtype)).reshape(-1)
+        rest2 = rest2.astype(dtype).reshape(-1)
+        e = _proposal_eps(consts[3], _eps_from_normal_ratio(g[..., 0].astype(dtype).reshape(-1), rest2), rest2)
         slack = _log_u(k_u, (size,), dtype)
     ok = slack < _wood_log_accept(d, consts, e)
-    eps = _wood_redraw(k_rest, d, consts, e, ok, max_iters)
+    if len(shape) >= 1 and shape[0] >= _POOL_MIN_ROWS and jnp.ndim(kappa) <= len(shape) - 1:
+        # kappa is constant along axis 0: one pool per column (the transpose is free for one column)
+        cols = math.prod(shape[1:])
+        row_consts = tuple(jnp.broadcast_to(x, shape[1:]).reshape(-1) for x in _wood_consts(d, kappa))
+        eps = _pool_redraw(k_rest, d, row_consts, e.reshape(shape[0], cols).T, ok.reshape(shape[0], cols).T,
+                           max_iters).T
+    else:
+        eps = _wood_redraw(k_rest, d, consts, e, ok, max_iters)
     return eps.reshape(shape), y, y_norm
 
 
@@ -705,15 +848,16 @@ def w_kappa_derivative(d: int, kappa: jax.Array, w: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _wood_w_implicit(d: int, kappa: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _wood_w(_wood_b(d, kappa), eps)
+def _wood_w_implicit(d: int, kappa: jax.Array, b: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(w, sqrt(1 - w^2)) of accepted proposals eps of the envelope with parameter b (`_proposal_b`), with the
+    implicit-reparameterization derivative w.r.t. kappa (which depends on w only, not on the envelope)."""
+    return _wood_w(b, eps)
 
 
 @_wood_w_implicit.defjvp
 def _wood_w_implicit_jvp(d, primals, tangents):
-    kappa, eps = primals
-    dkappa, _ = tangents  # eps is an accepted sample held fixed: no tangent
-    b = _wood_b(d, kappa)
+    kappa, b, eps = primals
+    dkappa, _, _ = tangents  # b maps the accepted sample eps to w; both are held fixed: no tangent
     den = 1.0 - (1.0 - b) * eps
     one_minus_w, one_plus_w = 2.0 * b * eps / den, 2.0 * (1.0 - eps) / den
     w, s = _wood_w(b, eps)
@@ -725,19 +869,23 @@ def _wood_w_implicit_jvp(d, primals, tangents):
 
 def sample_w_wood(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...],
                   max_iters: int = 1000) -> tuple[jax.Array, jax.Array]:
-    """Wood's (1994) rejection sampler for w = <mu, x>: returns (w, sqrt(1 - w^2)), each of `shape`.
+    """Rejection sampler for w = <mu, x> with Wood's (1994) envelope or the gamma envelope, whichever accepts
+    more at this (d, kappa) (module doc): returns (w, sqrt(1 - w^2)), each of `shape`.
 
-    `kappa` broadcasts against `shape` (e.g. kappa [B] with shape (n, B)). Every entry gets one proposal;
-    the rejected ones (at most ~35%) are redrawn in compacted, shrinking buffers (`_wood_redraw`), sized at run
-    time from how many were rejected, instead of N proposals per while_loop round. Each proposal costs three
-    random numbers (eps from a normal and a Marsaglia-Tsang chi-square, one uniform for the joint acceptance
-    test).
+    `kappa` broadcasts against `shape` (e.g. kappa [B] with shape (n, B)). Every entry gets one proposal; the
+    rejected ones (at most ~30%, under 3% wherever the gamma envelope is used) are redrawn from pools of
+    proposals sized at run time from how many were rejected (`_pool_redraw` when kappa is constant along axis
+    0, else compacted shrinking buffers, `_wood_redraw`), instead of N proposals per while_loop round. Each
+    proposal costs three random numbers (a normal and a Marsaglia-Tsang chi-square, one uniform for the joint
+    acceptance test).
     Differentiable w.r.t. kappa by implicit reparameterization (exact dw/dkappa per sample, module doc).
     """
     d = _check_dim(d)
     kappa = _as_kappa(kappa)
-    eps, _, _ = _wood_eps(rng, d, jax.lax.stop_gradient(kappa), shape, max_iters)
-    return _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), jax.lax.stop_gradient(eps))
+    kappa_ng = jax.lax.stop_gradient(kappa)
+    eps, _, _ = _wood_eps(rng, d, kappa_ng, shape, max_iters)
+    b = jnp.broadcast_to(_proposal_b(d, kappa_ng), shape)
+    return _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), b, jax.lax.stop_gradient(eps))
 
 
 def make_inverse_cdf_table(d: int, kappa: float, size: int = 1 << 16, grid: int = 1 << 20) -> np.ndarray:
@@ -876,8 +1024,10 @@ def _sample(rng: jax.Array, mu_BxD: jax.Array, kappa_B: jax.Array, n: int, table
         if d == 3:
             w, s_over_norm, y = _sample_d3(rng, kappa, shape, dtype)
         else:
-            eps, y, y_norm = _wood_eps(k_w, d, jax.lax.stop_gradient(kappa), shape, max_iters, tangent_dtype=dtype)
-            w, s = _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), jax.lax.stop_gradient(eps))
+            kappa_ng = jax.lax.stop_gradient(kappa)
+            eps, y, y_norm = _wood_eps(k_w, d, kappa_ng, shape, max_iters, tangent_dtype=dtype)
+            b = jnp.broadcast_to(_proposal_b(d, kappa_ng), shape)
+            w, s = _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), b, jax.lax.stop_gradient(eps))
             s_over_norm = s / jnp.maximum(y_norm, jnp.finfo(dtype).tiny)
     else:
         w, s = sample_w_table(k_w, table, shape)

@@ -81,6 +81,8 @@ def test_prefix_count_and_compact_match_numpy():
         want = np.nonzero(mask)[0][:size]
         np.testing.assert_array_equal(idx[:len(want)], want)
         assert np.all(idx[len(want):] == n)
+    rows = rs.rand(3, 1000) < 0.4  # per-row counts (the pooled redraw's ranks)
+    np.testing.assert_array_equal(np.asarray(vmf._row_prefix_count(jnp.asarray(rows))), np.cumsum(rows, axis=1))
 
 
 # ------------------------------------------------------------------------------------------- d = 3 closed form
@@ -195,9 +197,10 @@ def test_wood_sample_moments_and_tangent_isotropy(d, kappa):
 
 def test_wood_redraw_levels_overflow_and_small_buffers_stay_exact(monkeypatch):
     # a too-small rejection bound makes every buffer overflow: the extra while_loop rounds must fix it
+    # (a kappa per entry takes the compacted-buffer path, `_wood_redraw`, not the per-row pool)
     monkeypatch.setattr(vmf, "_REJECT_BOUND", 0.05)
-    d, kappa, n = 10, 500.0, 20_000
-    w, _ = jax.jit(lambda k: vmf.sample_w_wood(k, d, jnp.float32(kappa), (n,)))(jax.random.key(11))
+    d, kappa, n = 10, 5.0, 20_000  # Wood's envelope, ~8% rejected
+    w, _ = jax.jit(lambda k: vmf.sample_w_wood(k, d, jnp.full((n,), kappa), (n,)))(jax.random.key(11))
     ref = st.vonmises_fisher(np.eye(d)[0], kappa).rvs(n, random_state=2)[:, 0]
     assert st.ks_2samp(np.asarray(w, np.float64), ref).pvalue > 1e-3
     monkeypatch.undo()
@@ -207,7 +210,7 @@ def test_wood_redraw_levels_overflow_and_small_buffers_stay_exact(monkeypatch):
 
 
 @pytest.mark.parametrize("rejected", [0.01, 0.05, 0.2, 0.35])
-def test_redraw_replaces_exactly_the_rejected_entries_with_woods_distribution(rejected):
+def test_redraw_replaces_exactly_the_rejected_entries_with_draws_of_the_w_marginal(rejected):
     # the rejected count picks the branch at run time: a buffer of n/64, n/16 or n/4 slots, or (above n/4) one
     # in-place proposal per rejected entry first; each must redraw exactly the rejected entries, exactly
     d, kappa, n = 10, 20.0, 40_000
@@ -241,9 +244,104 @@ def test_redraw_levels_shrink_and_cover_the_worst_rejection_rate():
         assert size * vmf._REJECT_BOUND ** k < 1e-3
     # Wood's worst acceptance (kappa -> inf) times Marsaglia-Tsang's (a = 1) stays above 1 - _REJECT_BOUND
     d, n = 3, 200_000
-    e, slack = vmf._beta_proposals(jax.random.key(0), d, n, jnp.float32)
+    e, q, slack = vmf._beta_proposals(jax.random.key(0), d, n, jnp.float32)
     consts = vmf._wood_consts(d, jnp.float32(1e4))
+    e = vmf._proposal_eps(consts[3], e, q)
     assert float(jnp.mean(slack < vmf._wood_log_accept(d, consts, e))) > 1 - vmf._REJECT_BOUND + 0.02
+
+
+# ------------------------------------------------------------------------------- the gamma envelope (d >= 4)
+def _acceptance_by_quadrature(d, kappa):
+    """(Wood's, the gamma envelope's) acceptance probability by numerical integration in float64: the expected
+    acceptance ratio under each proposal density, written from the definitions (not from the closed forms)."""
+    from scipy import integrate
+    a = (d - 1) / 2
+    b = (d - 1) / (2 * kappa + math.sqrt(4 * kappa ** 2 + (d - 1) ** 2))
+    x0 = (1 - b) / (1 + b)
+    c = kappa * x0 + (d - 1) * math.log(1 - x0 * x0)
+
+    def wood(e):  # e ~ Beta(a, a), accept with exp(kappa w + (d-1) log(1 - x0 w) - c)
+        w = (1 - (1 + b) * e) / (1 - (1 - b) * e)
+        return st.beta(a, a).pdf(e) * math.exp(kappa * w + (d - 1) * math.log(1 - x0 * w) - c)
+
+    lam = 2 * kappa + a - 1
+
+    def gamma(s):  # s ~ Gamma(a, rate lam), accept with ((1 - s) e^s)^(a-1) for s < 1
+        return st.gamma(a, scale=1 / lam).pdf(s) * math.exp((a - 1) * (math.log1p(-s) + s))
+
+    peak = min(0.5, a / lam)
+    return (integrate.quad(wood, 0, 1, limit=400, points=[0.5])[0],
+            integrate.quad(gamma, 0, 1, limit=400, points=[peak])[0])
+
+
+@pytest.mark.parametrize("d,kappa", [(4, 1.0), (4, 5.0), (10, 5.0), (10, 20.0), (10, 500.0), (20, 20.0),
+                                     (100, 100.0), (100, 500.0)])
+def test_envelope_choice_is_the_one_that_accepts_more(d, kappa):
+    wood, gamma = _acceptance_by_quadrature(d, kappa)
+    # _use_gamma's closed form is the log ratio of the two acceptance probabilities; check its sign, and that
+    # the acceptance the sampler's own test gives exact chi-square proposals is the quadrature's
+    assert bool(vmf._use_gamma(d, jnp.float32(kappa))) == (gamma > wood), (wood, gamma)
+    consts = vmf._wood_consts(d, jnp.float32(kappa))
+    n = 200_000
+    rs = np.random.RandomState(d)
+    q = jnp.asarray(rs.chisquare(d - 1, n), jnp.float32)
+    z = jnp.asarray(rs.randn(n), jnp.float32)
+    e = vmf._proposal_eps(consts[3], vmf._eps_from_normal_ratio(z, q), q)
+    log_u = jnp.asarray(np.log(rs.rand(n)), jnp.float32)
+    rate = float(jnp.mean(log_u < vmf._wood_log_accept(d, consts, e)))
+    want = max(wood, gamma)
+    assert abs(rate - want) < 5 * math.sqrt(want * (1 - want) / n) + 1e-4, (rate, wood, gamma)
+
+
+def test_gamma_envelope_takes_over_from_wood_where_wood_accepts_least():
+    # Wood's acceptance falls to ~0.7 as kappa grows; the gamma envelope's tends to 1
+    for d, kappa in ((5, 20.0), (10, 500.0), (100, 1e4)):
+        assert bool(vmf._use_gamma(d, jnp.float32(kappa)))
+        wood, gamma = _acceptance_by_quadrature(d, kappa) if kappa < 1e4 else (None, None)
+        if wood is not None:
+            assert wood < 0.75 and gamma > 0.97
+    for d, kappa in ((4, 0.0), (10, 1.0), (100, 20.0), (1024, 500.0)):  # Wood's accepts > 0.9 here
+        assert not bool(vmf._use_gamma(d, jnp.float32(kappa)))
+    assert not bool(vmf._use_gamma(3, jnp.float32(1e4)))  # needs a >= 1 (and d = 3 is sampled exactly anyway)
+
+
+@pytest.mark.parametrize("d,kappa", [(10, 8.0), (10, 10.0), (6, 3.0)])
+def test_samples_match_scipy_on_both_sides_of_the_envelope_switch(d, kappa):
+    n = 30_000
+    mu = _unit(d, 3)
+    w, _ = jax.jit(lambda k: vmf.sample_w_wood(k, d, jnp.float32(kappa), (n,)))(jax.random.key(d))
+    z = jax.jit(lambda k: vmf.sample(k, jnp.asarray(mu[None], jnp.float32), jnp.array([kappa]), n))(
+        jax.random.key(d + 1))
+    ref = st.vonmises_fisher(mu, kappa).rvs(n, random_state=d)
+    assert st.ks_2samp(np.asarray(w, np.float64), ref @ mu).pvalue > 1e-3
+    assert st.ks_2samp(np.asarray(z[:, 0], np.float64) @ mu, ref @ mu).pvalue > 1e-3
+
+
+def test_pooled_redraw_replaces_exactly_the_rejected_entries_per_row():
+    # rows with their own kappa (one under Wood's envelope, two under the gamma one); each row's rejected entries
+    # get the row's accepted pool proposals, accepted entries are kept bit for bit
+    d, m = 10, 20_000
+    kappas = np.array([1.0, 20.0, 500.0], np.float32)
+    rejected = np.array([0.3, 0.05, 0.2])
+    done = np.random.RandomState(2).rand(3, m) >= rejected[:, None]
+    sentinel = np.float32(0.123)
+    consts = vmf._wood_consts(d, jnp.asarray(kappas))
+    eps = np.asarray(jax.jit(lambda k: vmf._pool_redraw(k, d, consts, jnp.full((3, m), sentinel), jnp.asarray(done),
+                                                        1000))(jax.random.key(4)))
+    np.testing.assert_array_equal(eps[done], sentinel)
+    for row, kappa in enumerate(kappas):
+        w = np.asarray(vmf._wood_w(consts[0][row], jnp.asarray(eps[row][~done[row]]))[0], np.float64)
+        ref = st.vonmises_fisher(np.eye(d)[0], float(kappa)).rvs(20_000, random_state=row)[:, 0]
+        assert w.size == (~done[row]).sum() and st.ks_2samp(w, ref).pvalue > 1e-3, row
+
+
+def test_pooled_redraw_rounds_cover_pool_shortfalls(monkeypatch):
+    # a too-small rejection bound sizes every pool too small: the rows left over wait for later rounds
+    monkeypatch.setattr(vmf, "_REJECT_BOUND", 0.01)
+    d, kappa, n = 10, 5.0, 20_000  # Wood's envelope, ~8% rejected
+    w, _ = jax.jit(lambda k: vmf.sample_w_wood(k, d, jnp.float32(kappa), (n,)))(jax.random.key(13))
+    ref = st.vonmises_fisher(np.eye(d)[0], kappa).rvs(n, random_state=5)[:, 0]
+    assert st.ks_2samp(np.asarray(w, np.float64), ref).pvalue > 1e-3
 
 
 def test_chunked_sampling_matches_scipy_and_differentiates(monkeypatch):
