@@ -4,8 +4,8 @@
     python -m benchmarks.vmf_sampling --skip-eval --n 20000,1000000 --clock cpu
     python -m benchmarks.vmf_sampling --n 20000 --eval-batch 100 --eval-k 5000 --chunk 100
 
-Part 1: samples/s of `gen_jax.vae.vmf.sample` (the default sampler: the exact inverse CDF for d = 3, Wood's
-rejection sampler otherwise; Su's inverse-CDF table sampler) against
+Part 1: samples/s of `gen_jax.vae.vmf.sample` (the default sampler: the exact inverse CDF for d = 3,
+rejection sampling with Wood's or the gamma envelope otherwise; Su's inverse-CDF table sampler) against
 `scipy.stats.vonmises_fisher(mu, kappa).rvs(n)` for d in (3, 10, 100), kappa in (1, 20, 500), at each n of
 `--n` (20000, and 10^6 where per-call dispatch is amortized). Each setting is timed with the default threefry
 key and, in a separate row, with a `jax.random.key(0, impl="rbg")` key (same samplers, another bit generator).
@@ -119,7 +119,7 @@ def main(argv=None):
     print(speed_env_line(speed_env()))
     for n in (int(x) for x in args.n.split(",")):
         print(f"\nvMF sampling, n = {n} samples per setting (samples/s; ratio = ours / scipy; ours = exact inverse "
-              f"CDF for d = 3, Wood otherwise)")
+              f"CDF for d = 3, Wood's or the gamma envelope otherwise)")
         print(f"{'d':>5} {'kappa':>7} {'key':>12} {'ours':>10} {'table':>10} {'scipy':>10} {'ours/scipy':>11} "
               f"{'table/scipy':>12}", flush=True)
         for r in bench_sampling(n, repeats=args.repeats, clock=args.clock):

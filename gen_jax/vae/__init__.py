@@ -2,8 +2,8 @@
 samplers, and MLP Gaussian / hyperspherical VAEs on binarized MNIST.
 
 - `likelihood`: `log_likelihood` (chunked importance sampling, IWAE objective), `elbo`, `DiagGaussian`.
-- `vmf`: log-normalizer, log-density, entropy, KL to uniform, mean resultant length, Wood's rejection sampler
-  and Su's inverse-CDF table sampler, `VonMisesFisher`.
+- `vmf`: log-normalizer, log-density, entropy, KL to uniform, mean resultant length, rejection sampling (Wood's or
+  the gamma envelope) and Su's inverse-CDF table sampler, `VonMisesFisher`.
 - `models`: `GaussianVAE` (IWAE paper / N-VAE), `SphericalVAE` (S-VAE), `binarize`, loss builders.
 """
 from gen_jax.vae import vmf

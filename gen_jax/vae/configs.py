@@ -195,7 +195,7 @@ LIKELIHOOD_PRESETS = {"mnist": likelihood_mnist, "tiny": likelihood_tiny, "paper
 
 
 def vmf_mnist() -> VMFVAEConfig:
-    """N-VAE and S-VAE (learned kappa, Wood's sampler) for d = 2, 5, 10, 20: MLP 784-256-128 relu, 10 epochs
+    """N-VAE and S-VAE (learned kappa, rejection sampler) for d = 2, 5, 10, 20: MLP 784-256-128 relu, 10 epochs
     each (batch 64, Adam 1e-3), log-likelihood with 500 importance samples on the first 1000 test digits.
     ~12-15 min on 2 quiet CPU cores (8 models x ~1 min training + compiles); ~3x on a loaded machine.
     Davidson et al. trained to convergence with early stopping, so expect lower likelihoods (by ~5-15 nats)

@@ -121,7 +121,7 @@ class SphericalVAE(_BernoulliDecoderVAE):
 
     kappa=None learns kappa = softplus(Dense(h)) + 1 per example (Davidson et al.); a float fixes it (Su).
     `encode(x, table)` uses Su's inverse-CDF sampler when given `vmf.make_inverse_cdf_table(m, kappa)`
-    (fixed kappa only), Wood's rejection sampler otherwise.
+    (fixed kappa only), rejection sampling (Wood's or the gamma envelope, `vmf.sample_w_wood`) otherwise.
     """
 
     def __init__(self, x_dim: int = 784, hidden: Sequence[int] = (256, 128), ambient_dim: int = 3,
