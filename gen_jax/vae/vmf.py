@@ -56,7 +56,7 @@ sample, no singularity). w is drawn by
   the column's pool, sized at run time from the rejected count (`_pool_redraw`); otherwise the rejected entries
   are compacted into geometrically shrinking buffers (`_wood_fill`, sized at run time by `_wood_redraw`). The
   acceptance tests and sqrt(1 - w^2) are written in closed forms of (b, eps) that do not cancel near w = 1
-  (derivation in `_wood_consts`).
+  (derivation in `_envelope_consts`).
   Gradient w.r.t. kappa (the same for both envelopes: it depends on w only): implicit reparameterization
   (Figurnov, Mohamed, Mnih 2018, eq. 6): with F(w; kappa) the CDF of w,
   dw/dkappa = -(dF/dkappa) / p(w), and since d log p(t)/dkappa = t - A_d(kappa),
@@ -450,7 +450,7 @@ def _proposal_b(d: int, kappa: jax.Array) -> jax.Array:
     return jnp.where(_use_gamma(d, kappa), 1.0, _wood_b(d, kappa))
 
 
-def _wood_consts(d: int, kappa: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _envelope_consts(d: int, kappa: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(b, c1, c0, h) of the envelope in use for each kappa (`_use_gamma`).
 
     Wood's: h = 0, and the log acceptance ratio is c1 (1 - 2e) / D - (d - 1) log D + c0, D = 1 - (1 - b) e:
@@ -468,7 +468,8 @@ def _wood_consts(d: int, kappa: jax.Array) -> tuple[jax.Array, jax.Array, jax.Ar
     return jnp.where(gamma, 1.0, b), jnp.where(gamma, zero, c1), jnp.where(gamma, zero, c0), jnp.where(gamma, h, zero)
 
 
-def _wood_log_accept(d: int, consts, e: jax.Array) -> jax.Array:
+def _envelope_log_accept(d: int, consts, e: jax.Array) -> jax.Array:
+    """The log acceptance ratio of proposals e under the envelope that `consts` (`_envelope_consts`) describe."""
     b, c1, c0, h = consts
     if d < 4:
         den = 1.0 - (1.0 - b) * e
@@ -509,7 +510,7 @@ def _beta_proposals(rng: jax.Array, d: int, size: int, dtype) -> tuple[jax.Array
     """`size` Wood proposals eps ~ Beta((d-1)/2, (d-1)/2) (before Wood's test), the chi-square q ~ chi^2_{d-1}
     they are made from (the gamma envelope's proposal is h q, `_proposal_eps`), and their slack
     log u - log r_MT, from three random numbers each (two normals and a uniform): a proposal is accepted iff
-    slack < the log acceptance ratio of its eps (`_wood_log_accept`).
+    slack < the log acceptance ratio of its eps (`_envelope_log_accept`).
 
     eps from `_eps_from_normal_ratio` with q = 2 G, G ~ Gamma((d-1)/2) by Marsaglia and Tsang (2000):
     G = a' v, v = (1 + c x)^3, x ~ N(0, 1), a' = a - 1/3, c = 1/sqrt(9 a'), accepted with probability
@@ -547,7 +548,7 @@ def _first_accepted(d: int, consts, e_beta: jax.Array, q: jax.Array, slack: jax.
     slot (in order), and whether there was one."""
     consts = tuple(c[:, None] for c in consts)
     e = _proposal_eps(consts[3], e_beta, q)
-    ok = slack < _wood_log_accept(d, consts, e)
+    ok = slack < _envelope_log_accept(d, consts, e)
     first = jnp.argmax(ok, axis=-1)
     return jnp.take_along_axis(e, first[:, None], axis=-1)[:, 0], jnp.any(ok, axis=-1)
 
@@ -692,7 +693,7 @@ def _wood_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array
     def in_place(key, eps, done):
         e, q, slack = _beta_proposals(key, d, n, eps.dtype)
         e = _proposal_eps(consts[3], e, q)
-        ok = slack < _wood_log_accept(d, consts, e)
+        ok = slack < _envelope_log_accept(d, consts, e)
         return jnp.where(done, eps, e), done | ok
 
     def cond(state):
@@ -711,6 +712,10 @@ def _wood_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array
     return eps
 
 
+# When kappa is constant along the sample axis (`sample`'s [n, B] layout), rejected entries are not compacted
+# at all: each column draws one pool of proposals and its r-th rejected entry takes the pool's r-th accepted
+# proposal (`_pool_redraw`). The pool size is picked at run time among these fractions of the column length;
+# columns shorter than _POOL_MIN_ROWS (e.g. one sample per example in VAE training) use `_wood_redraw`.
 _POOL_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8)
 _POOL_MIN_ROWS = 512
 
@@ -726,14 +731,14 @@ def _row_prefix_count(mask: jax.Array) -> jax.Array:
 
 
 def _pool_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array, max_iters: int) -> jax.Array:
-    """eps [C, m] with every entry not `done` replaced by an accepted Wood draw, where row c has the constants
-    consts[.][c] (one kappa per row).
+    """eps [C, m] with every entry not `done` replaced by an accepted proposal of its row's envelope, where row c
+    has the constants consts[.][c] (one kappa per row).
 
     Each round draws a pool of proposals per row (its size picked at run time from the largest rejected count),
     and gives the r-th rejected entry of a row the r-th accepted proposal of the same row's pool: no compaction
     of the entries, one scatter over the pool and one gather. The pool is independent of the entries and its
-    accepted proposals are iid Wood draws, so every rejected entry gets an independent exact draw; entries left
-    over when a pool runs short (~3e-5 per round) wait for the next round."""
+    accepted proposals are iid draws of w's marginal, so every rejected entry gets an independent exact draw;
+    entries left over when a pool runs short (~3e-5 per round) wait for the next round."""
     c, m = eps.shape
     sizes = sorted({32 * max(1, int(math.ceil(f * m / 32))) for f in _POOL_FRACTIONS})  # no pad in the prefix count
     col = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)
@@ -743,7 +748,7 @@ def _pool_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array
             e, q, slack = (x.reshape(c, size) for x in _beta_proposals(key, d, c * size, eps.dtype))
             row_consts = tuple(x[:, None] for x in consts)
             e = _proposal_eps(row_consts[3], e, q)
-            ok = slack < _wood_log_accept(d, row_consts, e)
+            ok = slack < _envelope_log_accept(d, row_consts, e)
             acc_rank = _row_prefix_count(ok)
             target = jnp.where(ok, col * size + acc_rank - 1, c * size)
             accepted = jnp.zeros((c * size,), eps.dtype).at[target.reshape(-1)].set(e.reshape(-1), mode="drop")
@@ -777,13 +782,14 @@ def _pool_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array
 def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], max_iters: int,
               tangent_dtype=None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Accepted eps of `shape` (kappa broadcasts against it; no gradient). With `tangent_dtype`, the first proposal
-    is made from g ~ N(0, I_d) (eps from g_1 and |g_{2..d}|^2) and g, |g_{2..d}| are returned too: the
+    is made from g ~ N(0, I_d) (Wood's eps from g_1 and |g_{2..d}|^2, the gamma envelope's from |g_{2..d}|^2)
+    and g, |g_{2..d}| are returned too: the
     direction g_{2..d} / |g_{2..d}| is uniform on S^{d-2} and independent of |g_{2..d}| and g_1, hence of
     every proposal's acceptance and of the accepted eps, so it serves as the sample's tangent direction."""
     dtype = kappa.dtype
     size = math.prod(shape)
     # constants from the (usually much smaller) un-broadcast kappa, then broadcast per entry
-    consts = tuple(jnp.broadcast_to(c, shape).reshape(-1) for c in _wood_consts(d, kappa))
+    consts = tuple(jnp.broadcast_to(c, shape).reshape(-1) for c in _envelope_consts(d, kappa))
     k_first, k_rest = jax.random.split(rng)
     y = y_norm = None
     if tangent_dtype is None:
@@ -802,11 +808,11 @@ def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], 
         rest2 = rest2.astype(dtype).reshape(-1)
         e = _proposal_eps(consts[3], _eps_from_normal_ratio(g[..., 0].astype(dtype).reshape(-1), rest2), rest2)
         slack = _log_u(k_u, (size,), dtype)
-    ok = slack < _wood_log_accept(d, consts, e)
+    ok = slack < _envelope_log_accept(d, consts, e)
     if len(shape) >= 1 and shape[0] >= _POOL_MIN_ROWS and jnp.ndim(kappa) <= len(shape) - 1:
         # kappa is constant along axis 0: one pool per column (the transpose is free for one column)
         cols = math.prod(shape[1:])
-        row_consts = tuple(jnp.broadcast_to(x, shape[1:]).reshape(-1) for x in _wood_consts(d, kappa))
+        row_consts = tuple(jnp.broadcast_to(x, shape[1:]).reshape(-1) for x in _envelope_consts(d, kappa))
         eps = _pool_redraw(k_rest, d, row_consts, e.reshape(shape[0], cols).T, ok.reshape(shape[0], cols).T,
                            max_iters).T
     else:
@@ -867,6 +873,12 @@ def _wood_w_implicit_jvp(d, primals, tangents):
     return (w, s), (dkappa * one_minus_w * j, -dkappa * w * j * ratio)
 
 
+def _w_of_accepted(d: int, kappa: jax.Array, eps: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(w, sqrt(1 - w^2)) of accepted proposals eps [shape] (kappa broadcasts), differentiable in kappa."""
+    b = jnp.broadcast_to(_proposal_b(d, jax.lax.stop_gradient(kappa)), shape)
+    return _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), b, jax.lax.stop_gradient(eps))
+
+
 def sample_w_wood(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...],
                   max_iters: int = 1000) -> tuple[jax.Array, jax.Array]:
     """Rejection sampler for w = <mu, x> with Wood's (1994) envelope or the gamma envelope, whichever accepts
@@ -882,10 +894,8 @@ def sample_w_wood(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ..
     """
     d = _check_dim(d)
     kappa = _as_kappa(kappa)
-    kappa_ng = jax.lax.stop_gradient(kappa)
-    eps, _, _ = _wood_eps(rng, d, kappa_ng, shape, max_iters)
-    b = jnp.broadcast_to(_proposal_b(d, kappa_ng), shape)
-    return _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), b, jax.lax.stop_gradient(eps))
+    eps, _, _ = _wood_eps(rng, d, jax.lax.stop_gradient(kappa), shape, max_iters)
+    return _w_of_accepted(d, kappa, eps, shape)
 
 
 def make_inverse_cdf_table(d: int, kappa: float, size: int = 1 << 16, grid: int = 1 << 20) -> np.ndarray:
@@ -1024,10 +1034,8 @@ def _sample(rng: jax.Array, mu_BxD: jax.Array, kappa_B: jax.Array, n: int, table
         if d == 3:
             w, s_over_norm, y = _sample_d3(rng, kappa, shape, dtype)
         else:
-            kappa_ng = jax.lax.stop_gradient(kappa)
-            eps, y, y_norm = _wood_eps(k_w, d, kappa_ng, shape, max_iters, tangent_dtype=dtype)
-            b = jnp.broadcast_to(_proposal_b(d, kappa_ng), shape)
-            w, s = _wood_w_implicit(d, jnp.broadcast_to(kappa, shape), b, jax.lax.stop_gradient(eps))
+            eps, y, y_norm = _wood_eps(k_w, d, jax.lax.stop_gradient(kappa), shape, max_iters, tangent_dtype=dtype)
+            w, s = _w_of_accepted(d, kappa, eps, shape)
             s_over_norm = s / jnp.maximum(y_norm, jnp.finfo(dtype).tiny)
     else:
         w, s = sample_w_table(k_w, table, shape)

@@ -216,7 +216,7 @@ def test_redraw_replaces_exactly_the_rejected_entries_with_draws_of_the_w_margin
     d, kappa, n = 10, 20.0, 40_000
     done = np.random.RandomState(1).rand(n) >= rejected
     sentinel = np.float32(0.123)
-    consts = tuple(jnp.broadcast_to(c, (n,)) for c in vmf._wood_consts(d, jnp.float32(kappa)))
+    consts = tuple(jnp.broadcast_to(c, (n,)) for c in vmf._envelope_consts(d, jnp.float32(kappa)))
     eps = jax.jit(lambda k: vmf._wood_redraw(k, d, consts, jnp.full((n,), sentinel), jnp.asarray(done), 1000))(
         jax.random.key(3))
     eps = np.asarray(eps)
@@ -245,9 +245,9 @@ def test_redraw_levels_shrink_and_cover_the_worst_rejection_rate():
     # Wood's worst acceptance (kappa -> inf) times Marsaglia-Tsang's (a = 1) stays above 1 - _REJECT_BOUND
     d, n = 3, 200_000
     e, q, slack = vmf._beta_proposals(jax.random.key(0), d, n, jnp.float32)
-    consts = vmf._wood_consts(d, jnp.float32(1e4))
+    consts = vmf._envelope_consts(d, jnp.float32(1e4))
     e = vmf._proposal_eps(consts[3], e, q)
-    assert float(jnp.mean(slack < vmf._wood_log_accept(d, consts, e))) > 1 - vmf._REJECT_BOUND + 0.02
+    assert float(jnp.mean(slack < vmf._envelope_log_accept(d, consts, e))) > 1 - vmf._REJECT_BOUND + 0.02
 
 
 # ------------------------------------------------------------------------------- the gamma envelope (d >= 4)
@@ -281,14 +281,14 @@ def test_envelope_choice_is_the_one_that_accepts_more(d, kappa):
     # _use_gamma's closed form is the log ratio of the two acceptance probabilities; check its sign, and that
     # the acceptance the sampler's own test gives exact chi-square proposals is the quadrature's
     assert bool(vmf._use_gamma(d, jnp.float32(kappa))) == (gamma > wood), (wood, gamma)
-    consts = vmf._wood_consts(d, jnp.float32(kappa))
+    consts = vmf._envelope_consts(d, jnp.float32(kappa))
     n = 200_000
     rs = np.random.RandomState(d)
     q = jnp.asarray(rs.chisquare(d - 1, n), jnp.float32)
     z = jnp.asarray(rs.randn(n), jnp.float32)
     e = vmf._proposal_eps(consts[3], vmf._eps_from_normal_ratio(z, q), q)
     log_u = jnp.asarray(np.log(rs.rand(n)), jnp.float32)
-    rate = float(jnp.mean(log_u < vmf._wood_log_accept(d, consts, e)))
+    rate = float(jnp.mean(log_u < vmf._envelope_log_accept(d, consts, e)))
     want = max(wood, gamma)
     assert abs(rate - want) < 5 * math.sqrt(want * (1 - want) / n) + 1e-4, (rate, wood, gamma)
 
@@ -325,7 +325,7 @@ def test_pooled_redraw_replaces_exactly_the_rejected_entries_per_row():
     rejected = np.array([0.3, 0.05, 0.2])
     done = np.random.RandomState(2).rand(3, m) >= rejected[:, None]
     sentinel = np.float32(0.123)
-    consts = vmf._wood_consts(d, jnp.asarray(kappas))
+    consts = vmf._envelope_consts(d, jnp.asarray(kappas))
     eps = np.asarray(jax.jit(lambda k: vmf._pool_redraw(k, d, consts, jnp.full((3, m), sentinel), jnp.asarray(done),
                                                         1000))(jax.random.key(4)))
     np.testing.assert_array_equal(eps[done], sentinel)
