@@ -305,8 +305,9 @@ def test_gamma_envelope_takes_over_from_wood_where_wood_accepts_least():
     assert not bool(vmf._use_gamma(3, jnp.float32(1e4)))  # needs a >= 1 (and d = 3 is sampled exactly anyway)
 
 
-@pytest.mark.parametrize("d,kappa", [(10, 8.0), (10, 10.0), (6, 3.0)])
-def test_samples_match_scipy_on_both_sides_of_the_envelope_switch(d, kappa):
+@pytest.mark.parametrize("d,kappa,gamma", [(10, 7.0, False), (10, 8.5, True)])  # the switch is at kappa ~ 7.8
+def test_samples_match_scipy_on_both_sides_of_the_envelope_switch(d, kappa, gamma):
+    assert bool(vmf._use_gamma(d, jnp.float32(kappa))) == gamma
     n = 30_000
     mu = _unit(d, 3)
     w, _ = jax.jit(lambda k: vmf.sample_w_wood(k, d, jnp.float32(kappa), (n,)))(jax.random.key(d))
