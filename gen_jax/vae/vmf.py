@@ -460,8 +460,6 @@ def _envelope_consts(d: int, kappa: jax.Array) -> tuple[jax.Array, jax.Array, ja
     log ratio (a - 1) (log(1 - e) + e) (-inf for e >= 1)."""
     b = _wood_b(d, kappa)
     c1, c0 = 2.0 * kappa * b / (1.0 + b), (d - 1.0) * (jnp.log1p(b) - math.log(2.0))
-    if d < 4:
-        return b, c1, c0, jnp.zeros_like(b)
     gamma = _use_gamma(d, kappa)
     h = 0.5 / (2.0 * kappa + (0.5 * (d - 1.0) - 1.0))
     zero = jnp.zeros_like(b)
@@ -471,9 +469,6 @@ def _envelope_consts(d: int, kappa: jax.Array) -> tuple[jax.Array, jax.Array, ja
 def _envelope_log_accept(d: int, consts, e: jax.Array) -> jax.Array:
     """The log acceptance ratio of proposals e under the envelope that `consts` (`_envelope_consts`) describe."""
     b, c1, c0, h = consts
-    if d < 4:
-        den = 1.0 - (1.0 - b) * e
-        return c1 * (1.0 - 2.0 * e) / den - (d - 1.0) * jnp.log(den) + c0
     gamma = h > 0
     den = 1.0 - jnp.where(gamma, 1.0, 1.0 - b) * e  # Wood's D, or 1 - e (which is <= 0 for e >= 1: rejected)
     log_den = jnp.log(jnp.maximum(den, 0.0))
@@ -481,10 +476,13 @@ def _envelope_log_accept(d: int, consts, e: jax.Array) -> jax.Array:
     return jnp.where(gamma, (0.5 * (d - 1.0) - 1.0) * (log_den + e), wood)
 
 
-def _proposal_eps(h: jax.Array, e_beta: jax.Array, q: jax.Array) -> jax.Array:
-    """The envelope's proposal from the same random numbers: Wood's Beta e_beta where h = 0, h q otherwise
-    (q ~ chi^2_{d-1}: s = G / lam with G = q / 2 ~ Gamma((d-1)/2))."""
-    return jnp.where(h > 0, jnp.maximum(h * q, 1e-30), e_beta)
+def _test_proposals(d: int, consts, e_beta: jax.Array, q: jax.Array, slack: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The envelope's proposals eps from the same random numbers (Wood's Beta e_beta where h = 0, h q otherwise:
+    q ~ chi^2_{d-1}, so s = G / lam with G = q / 2 ~ Gamma((d-1)/2)), and whether each is accepted
+    (slack < its log acceptance ratio)."""
+    h = consts[3]
+    e = jnp.where(h > 0, jnp.maximum(h * q, 1e-30), e_beta)
+    return e, slack < _envelope_log_accept(d, consts, e)
 
 
 def _clip_eps(e: jax.Array) -> jax.Array:
@@ -508,7 +506,7 @@ def _log_u(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
 
 def _beta_proposals(rng: jax.Array, d: int, size: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`size` Wood proposals eps ~ Beta((d-1)/2, (d-1)/2) (before Wood's test), the chi-square q ~ chi^2_{d-1}
-    they are made from (the gamma envelope's proposal is h q, `_proposal_eps`), and their slack
+    they are made from (the gamma envelope's proposal is h q, `_test_proposals`), and their slack
     log u - log r_MT, from three random numbers each (two normals and a uniform): a proposal is accepted iff
     slack < the log acceptance ratio of its eps (`_envelope_log_accept`).
 
@@ -546,9 +544,7 @@ def _beta_proposals(rng: jax.Array, d: int, size: int, dtype) -> tuple[jax.Array
 def _first_accepted(d: int, consts, e_beta: jax.Array, q: jax.Array, slack: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Proposals [S, K] (`_beta_proposals`) for S slots with per-slot consts [S]: the first accepted eps of each
     slot (in order), and whether there was one."""
-    consts = tuple(c[:, None] for c in consts)
-    e = _proposal_eps(consts[3], e_beta, q)
-    ok = slack < _envelope_log_accept(d, consts, e)
+    e, ok = _test_proposals(d, tuple(c[:, None] for c in consts), e_beta, q, slack)
     first = jnp.argmax(ok, axis=-1)
     return jnp.take_along_axis(e, first[:, None], axis=-1)[:, 0], jnp.any(ok, axis=-1)
 
@@ -691,9 +687,7 @@ def _wood_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array
         return run
 
     def in_place(key, eps, done):
-        e, q, slack = _beta_proposals(key, d, n, eps.dtype)
-        e = _proposal_eps(consts[3], e, q)
-        ok = slack < _envelope_log_accept(d, consts, e)
+        e, ok = _test_proposals(d, consts, *_beta_proposals(key, d, n, eps.dtype))
         return jnp.where(done, eps, e), done | ok
 
     def cond(state):
@@ -745,10 +739,8 @@ def _pool_redraw(rng: jax.Array, d: int, consts, eps: jax.Array, done: jax.Array
 
     def pool_round(size):
         def run(key, eps, done, rank):
-            e, q, slack = (x.reshape(c, size) for x in _beta_proposals(key, d, c * size, eps.dtype))
-            row_consts = tuple(x[:, None] for x in consts)
-            e = _proposal_eps(row_consts[3], e, q)
-            ok = slack < _envelope_log_accept(d, row_consts, e)
+            proposals = (x.reshape(c, size) for x in _beta_proposals(key, d, c * size, eps.dtype))
+            e, ok = _test_proposals(d, tuple(x[:, None] for x in consts), *proposals)
             acc_rank = _row_prefix_count(ok)
             target = jnp.where(ok, col * size + acc_rank - 1, c * size)
             accepted = jnp.zeros((c * size,), eps.dtype).at[target.reshape(-1)].set(e.reshape(-1), mode="drop")
@@ -789,12 +781,12 @@ def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], 
     dtype = kappa.dtype
     size = math.prod(shape)
     # constants from the (usually much smaller) un-broadcast kappa, then broadcast per entry
-    consts = tuple(jnp.broadcast_to(c, shape).reshape(-1) for c in _envelope_consts(d, kappa))
+    kappa_consts = _envelope_consts(d, kappa)
+    consts = tuple(jnp.broadcast_to(c, shape).reshape(-1) for c in kappa_consts)
     k_first, k_rest = jax.random.split(rng)
     y = y_norm = None
     if tangent_dtype is None:
-        e, q, slack = _beta_proposals(k_first, d, size, dtype)
-        e = _proposal_eps(consts[3], e, q)
+        e, ok = _test_proposals(d, consts, *_beta_proposals(k_first, d, size, dtype))
     else:
         k_g, k_u = jax.random.split(k_first)
         g = _normal(k_g, (*shape, d), tangent_dtype)
@@ -806,13 +798,12 @@ def _wood_eps(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ...], 
             rest2 = (g * g) @ (jnp.arange(d) > 0).astype(g.dtype)
         y, y_norm = g, jnp.sqrt(rest2)
         rest2 = rest2.astype(dtype).reshape(-1)
-        e = _proposal_eps(consts[3], _eps_from_normal_ratio(g[..., 0].astype(dtype).reshape(-1), rest2), rest2)
-        slack = _log_u(k_u, (size,), dtype)
-    ok = slack < _envelope_log_accept(d, consts, e)
+        e_beta = _eps_from_normal_ratio(g[..., 0].astype(dtype).reshape(-1), rest2)
+        e, ok = _test_proposals(d, consts, e_beta, rest2, _log_u(k_u, (size,), dtype))
     if len(shape) >= 1 and shape[0] >= _POOL_MIN_ROWS and jnp.ndim(kappa) <= len(shape) - 1:
         # kappa is constant along axis 0: one pool per column (the transpose is free for one column)
         cols = math.prod(shape[1:])
-        row_consts = tuple(jnp.broadcast_to(x, shape[1:]).reshape(-1) for x in _envelope_consts(d, kappa))
+        row_consts = tuple(jnp.broadcast_to(x, shape[1:]).reshape(-1) for x in kappa_consts)
         eps = _pool_redraw(k_rest, d, row_consts, e.reshape(shape[0], cols).T, ok.reshape(shape[0], cols).T,
                            max_iters).T
     else:
@@ -885,7 +876,7 @@ def sample_w_wood(rng: jax.Array, d: int, kappa: jax.Array, shape: tuple[int, ..
     more at this (d, kappa) (module doc): returns (w, sqrt(1 - w^2)), each of `shape`.
 
     `kappa` broadcasts against `shape` (e.g. kappa [B] with shape (n, B)). Every entry gets one proposal; the
-    rejected ones (at most ~30%, under 3% wherever the gamma envelope is used) are redrawn from pools of
+    rejected ones (at most ~30%; ~0 at large kappa, where the gamma envelope is used) are redrawn from pools of
     proposals sized at run time from how many were rejected (`_pool_redraw` when kappa is constant along axis
     0, else compacted shrinking buffers, `_wood_redraw`), instead of N proposals per while_loop round. Each
     proposal costs three random numbers (a normal and a Marsaglia-Tsang chi-square, one uniform for the joint
