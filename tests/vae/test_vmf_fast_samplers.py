@@ -197,9 +197,11 @@ def test_wood_sample_moments_and_tangent_isotropy(d, kappa):
 
 def test_wood_redraw_levels_overflow_and_small_buffers_stay_exact(monkeypatch):
     # a too-small rejection bound makes every buffer overflow: the extra while_loop rounds must fix it
-    # (a kappa per entry takes the compacted-buffer path, `_wood_redraw`, not the per-row pool)
+    # (a kappa per entry takes the compacted-buffer path, `_wood_redraw`, not the per-row pool). d = 3 has
+    # Wood's envelope only: ~35% of proposals rejected, so the second level (sized for 5% of a 5000-slot buffer,
+    # 361 slots) gets ~800 entries and must overflow
     monkeypatch.setattr(vmf, "_REJECT_BOUND", 0.05)
-    d, kappa, n = 10, 5.0, 20_000  # Wood's envelope, ~8% rejected
+    d, kappa, n = 3, 500.0, 20_000
     w, _ = jax.jit(lambda k: vmf.sample_w_wood(k, d, jnp.full((n,), kappa), (n,)))(jax.random.key(11))
     ref = st.vonmises_fisher(np.eye(d)[0], kappa).rvs(n, random_state=2)[:, 0]
     assert st.ks_2samp(np.asarray(w, np.float64), ref).pvalue > 1e-3
@@ -336,8 +338,9 @@ def test_pooled_redraw_replaces_exactly_the_rejected_entries_per_row():
 
 
 def test_pooled_redraw_rounds_cover_pool_shortfalls(monkeypatch):
-    # a too-small rejection bound sizes every pool too small: the rows left over wait for later rounds
-    monkeypatch.setattr(vmf, "_REJECT_BOUND", 0.01)
+    # one pool size of 96 proposals (20000 / 256, rounded up to 32) for ~1700 rejected entries: ~20 rounds, each
+    # filling as many rejected entries as its pool accepted; the rest wait for later rounds
+    monkeypatch.setattr(vmf, "_POOL_FRACTIONS", (1 / 256,))
     d, kappa, n = 10, 5.0, 20_000  # Wood's envelope, ~8% rejected
     w, _ = jax.jit(lambda k: vmf.sample_w_wood(k, d, jnp.float32(kappa), (n,)))(jax.random.key(13))
     ref = st.vonmises_fisher(np.eye(d)[0], kappa).rvs(n, random_state=5)[:, 0]
