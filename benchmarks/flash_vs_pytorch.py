@@ -8,10 +8,13 @@ matched config, one CPU core each, every ratio measured in one run.
 
 Step = forward + backward + Adam update of the causal-LM cross-entropy (mean over the B x T predicted
 tokens), float32, on the same token ids (B = tokens / T rows of T + 1 ids). Ours: the library's training
-core (`make_loss_fn` + `make_update_fn`, plain Adam), one jitted call with the state donated. Peer: eager
-torch (Adam fused where available), and with `torch.compile` of model + loss unless `--no-compile`; the
-faster peer variant is the one the headline ratio (ours / peer tokens/s, > 1: ours faster) uses. Median of
-`--steps` steps after `--warmup`; also the ratio of process CPU seconds per step (steadier on a shared core).
+core (`make_loss_fn` + `make_update_fn`, plain Adam), one jitted call with the state donated, compiled with
+XLA:CPU's YNNPACK fusions off (`cpu_compiler_options(ynn_fusions=False)`, the FLASH launcher's setting) and,
+with `--ynn-fusions both` (the default), also with XLA's defaults. Peer: eager torch (Adam fused where
+available), and with `torch.compile` of model + loss unless `--no-compile`; the faster peer variant is the one
+the headline ratio (ours / peer tokens/s, > 1: ours faster) uses. All variants of one length are timed
+interleaved (each round calls every step once, so this shared machine's drifts hit all alike): median of
+`--steps` rounds after `--warmup`; also the ratio of process CPU seconds per step (steadier on a shared core).
 torch gets `--threads` (default 1) threads; XLA uses every core in the affinity mask, hence `taskset -c 0`.
 
 Matched config (FLASHTransformer(dim=d, depth=L, group_size=C, query_key_dim=s, expansion_factor=2,
@@ -46,22 +49,26 @@ from benchmarks.flash_scaling import flash_config  # noqa: E402
 from gen_jax.flash import FlashConfig, build, count_params, make_loss_fn  # noqa: E402
 from gen_jax.train.state import TrainState  # noqa: E402
 from gen_jax.train.step import make_optimizer, make_update_fn  # noqa: E402
+from gen_jax.train.xla_options import cpu_compiler_options  # noqa: E402
 
 LR = 1e-4
 QUICK = dict(lengths=[32, 64], tokens=128, d_model=32, layers=2, key_size=16, chunk_size=16, warmup=1, steps=2)
 
 
-def timed(step, args) -> dict:
-    """Median wall and process-CPU seconds of `args.steps` calls of step() after `args.warmup`."""
-    cpu: list[float] = []
-
-    def run():
-        t0 = time.process_time()
-        step()
-        cpu.append(time.process_time() - t0)
-
-    sec, times = median_step_seconds(run, args.warmup, args.steps)
-    return {"step_s": sec, "step_times_s": times, "cpu_s": statistics.median(cpu[args.warmup:])}
+def timed_interleaved(steps: dict, args) -> dict:
+    """{name: median wall and process-CPU seconds per step} over `args.steps` rounds that call each step
+    once, after `args.warmup` such rounds."""
+    wall: dict = {k: [] for k in steps}
+    cpu: dict = {k: [] for k in steps}
+    for r in range(args.warmup + args.steps):
+        for k, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            if r >= args.warmup:
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    return {k: {"step_s": statistics.median(wall[k]), "step_times_s": wall[k], "cpu_s": statistics.median(cpu[k])}
+            for k in steps}
 
 
 def ours_config(args) -> FlashConfig:
@@ -89,7 +96,9 @@ def peer_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def ours_train(args, ids: np.ndarray) -> dict:
+def ours_prepare(args, ids: np.ndarray, compiler_options: dict | None):
+    """(step, finish): one train step of ours compiled with `compiler_options`, and finish(timing) -> its
+    result."""
     cfg = ours_config(args)
     graphdef, params = nnx.split(build(cfg, seed=0), nnx.Param)
     optimizer = make_optimizer(LR)  # plain Adam, no clipping, like the peer's
@@ -97,7 +106,7 @@ def ours_train(args, ids: np.ndarray) -> dict:
     state = TrainState.create(params, optimizer, jax.random.PRNGKey(0), use_ema=False)
     batch = {"tokens": jax.device_put(ids.astype(np.int32))}
     t0 = time.perf_counter()
-    compiled = jax.jit(update_fn, donate_argnums=0).lower(state, batch).compile()
+    compiled = jax.jit(update_fn, donate_argnums=0, compiler_options=compiler_options).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     box, losses = [state], []
 
@@ -106,12 +115,15 @@ def ours_train(args, ids: np.ndarray) -> dict:
         jax.block_until_ready((box[0], metrics))
         losses.append(float(metrics["nats_per_token"]))
 
-    t = timed(step, args)
-    return {"params": count_params(params), **t, "tokens_per_s": ids[:, 1:].size / t["step_s"],
-            "compile_s": compile_s, "loss_first": losses[0], "loss_last": losses[-1]}
+    def finish(t: dict) -> dict:
+        return {"params": count_params(params), **t, "tokens_per_s": ids[:, 1:].size / t["step_s"],
+                "compile_s": compile_s, "compiler_options": compiler_options, "loss_first": losses[0],
+                "loss_last": losses[-1]}
+
+    return step, finish
 
 
-def peer_train(args, ids: np.ndarray, *, compile_model: bool) -> dict:
+def peer_prepare(args, ids: np.ndarray, *, compile_model: bool):
     import torch
     import torch.nn.functional as F
 
@@ -145,9 +157,12 @@ def peer_train(args, ids: np.ndarray, *, compile_model: bool) -> dict:
     t0 = time.perf_counter()
     step()  # the first call (compiles under torch.compile); not timed
     first_s = time.perf_counter() - t0
-    t = timed(step, args)
-    return {"params": peer_params(model), **t, "tokens_per_s": y.numel() / t["step_s"], "first_call_s": first_s,
-            "adam": adam, "loss_first": losses[0], "loss_last": losses[-1]}
+
+    def finish(t: dict) -> dict:
+        return {"params": peer_params(model), **t, "tokens_per_s": y.numel() / t["step_s"],
+                "first_call_s": first_s, "adam": adam, "loss_first": losses[0], "loss_last": losses[-1]}
+
+    return step, finish
 
 
 def versions() -> dict:
@@ -174,8 +189,9 @@ def format_report(res: dict) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"Settings: d={s['d_model']}, {s['layers']} layers, s={s['key_size']}, C={s['chunk_size']}, e=2d, "
              f"vocab {s['vocab']}, {s['tokens']} tokens/batch, float32, Adam lr {LR}, median of {s['steps']} "
-             f"steps after {s['warmup']} warmup; ours normalizer {s['normalizer']}, peer relu^2 "
-             f"(laplace_attn_fn=False), shift_tokens=False",
+             f"interleaved rounds after {s['warmup']} warmup; ours normalizer {s['normalizer']}, YNNPACK fusions "
+             f"{ {'off': 'off', 'on': 'on (XLA default)', 'both': 'off (ours) and on (ours, YNN on)'}[s['ynn_fusions']]}; "
+             f"peer relu^2 (laplace_attn_fn=False), shift_tokens=False",
              f"Params: ours {p['ours']:,}, FLASH-pytorch {p['peer']:,} (peer - ours = {p['peer'] - p['ours']:+,}, "
              f"{100 * (p['peer'] - p['ours']) / p['ours']:+.3f}%)"]
     if m["usable_cores"] > 1:
@@ -184,22 +200,28 @@ def format_report(res: dict) -> str:
     if s["torch_compile"] and res.get("compile_error"):
         lines.append(f"torch.compile failed: {res['compile_error']}")
     comp = any("peer_compiled" in r for r in res["rows"])
-    head = "| T | B | ours ms/step | ours tok/s | peer eager ms/step | peer eager tok/s |"
-    sep = "|---|---|---|---|---|---|"
+    both = any("ours_ynn_on" in r for r in res["rows"])
+    head = "| T | B | ours ms/step | ours tok/s |" + (" ours, YNN on ms/step |" if both else "")
+    head += " peer eager ms/step | peer eager tok/s |"
+    sep = "|---|---|---|---|---|---|" + ("---|" if both else "")
     if comp:
         head += " peer compiled ms/step | peer compiled tok/s |"
         sep += "---|---|"
-    head += " ours/peer (best) | ours/peer eager | ours/peer by CPU time |"
-    sep += "---|---|---|"
+    head += " ours/peer (best) | ours/peer eager | ours/peer by CPU time |" + (" ours, YNN on/peer |" if both else "")
+    sep += "---|---|---|" + ("---|" if both else "")
     lines += ["", "### Train step (forward + backward + Adam), tokens/s = B x T / step time", "", head, sep]
     for r in res["rows"]:
         o, e, c = r["ours"], r["peer_eager"], r.get("peer_compiled")
-        cells = [str(r["length"]), str(r["batch"]), _f(1e3 * o["step_s"]), _f(o["tokens_per_s"], ".0f"),
-                 _f(1e3 * e["step_s"]), _f(e["tokens_per_s"], ".0f")]
+        cells = [str(r["length"]), str(r["batch"]), _f(1e3 * o["step_s"]), _f(o["tokens_per_s"], ".0f")]
+        if both:
+            cells.append(_f(1e3 * r["ours_ynn_on"]["step_s"]) if "ours_ynn_on" in r else "-")
+        cells += [_f(1e3 * e["step_s"]), _f(e["tokens_per_s"], ".0f")]
         if comp:
             cells += [_f(1e3 * c["step_s"]) if c else "-", _f(c["tokens_per_s"], ".0f") if c else "-"]
         cells += [f"{r['ratio']:.2f}x ({r['peer_best']})", f"{r['ratio_eager']:.2f}x",
                   f"{r['ratio_cpu']:.2f}x ({r['peer_best_cpu']})"]
+        if both:
+            cells.append(f"{r['ratio_ynn_on']:.2f}x" if "ratio_ynn_on" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "CPU time = the process's CPU seconds per step (less sensitive than wall time to other work "
               "on a shared core)."]
@@ -226,6 +248,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    ap.add_argument("--ynn-fusions", default="both", choices=["off", "on", "both"],
+                    help="compile ours with XLA:CPU's YNNPACK fusions off (the FLASH launcher's setting; the "
+                         "headline), on (XLA's default), or both")
     ap.add_argument("--quick", action="store_true",
                     help="tiny defaults: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     ap.add_argument("--json", default=None, help="also write every number to this file")
@@ -259,17 +284,22 @@ def main(argv=None) -> dict:
     for T in args.lengths:
         B = max(1, args.tokens // T)
         ids = np.random.default_rng(T).integers(0, args.vocab, (B, T + 1))
-        say(f"[T={T} B={B}] ours ...")
-        row = {"length": T, "batch": B, "ours": ours_train(args, ids)}
-        say(f"[T={T}] peer eager ...")
-        row["peer_eager"] = peer_train(args, ids, compile_model=False)
+        say(f"[T={T} B={B}] compiling ours, preparing the peer ...")
+        prepared = {}
+        if args.ynn_fusions in ("off", "both"):
+            prepared["ours"] = ours_prepare(args, ids, cpu_compiler_options(ynn_fusions=False))
+        if args.ynn_fusions in ("on", "both"):
+            prepared["ours_ynn_on" if "ours" in prepared else "ours"] = ours_prepare(args, ids, None)
+        prepared["peer_eager"] = peer_prepare(args, ids, compile_model=False)
         if compile_ok:
-            say(f"[T={T}] peer torch.compile ...")
             try:
-                row["peer_compiled"] = peer_train(args, ids, compile_model=True)
+                prepared["peer_compiled"] = peer_prepare(args, ids, compile_model=True)
             except Exception as e:  # no working compiler toolchain etc.: report and go on eager
                 res["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 compile_ok = False
+        say(f"[T={T}] timing {', '.join(prepared)} interleaved ...")
+        timing = timed_interleaved({k: step for k, (step, _) in prepared.items()}, args)
+        row = {"length": T, "batch": B, **{k: finish(timing[k]) for k, (_, finish) in prepared.items()}}
         peers = {k: row[k] for k in ("peer_eager", "peer_compiled") if k in row}
         best = max(peers, key=lambda k: peers[k]["tokens_per_s"])
         row["peer_best"] = best.removeprefix("peer_")
@@ -278,6 +308,8 @@ def main(argv=None) -> dict:
         best_cpu = min(peers, key=lambda k: peers[k]["cpu_s"])
         row["peer_best_cpu"] = best_cpu.removeprefix("peer_")
         row["ratio_cpu"] = peers[best_cpu]["cpu_s"] / row["ours"]["cpu_s"]
+        if "ours_ynn_on" in row:
+            row["ratio_ynn_on"] = row["ours_ynn_on"]["tokens_per_s"] / peers[best]["tokens_per_s"]
         res["rows"].append(row)
         say(f"  ours {1e3 * row['ours']['step_s']:.1f} ms, peer {row['peer_best']} "
             f"{1e3 * peers[best]['step_s']:.1f} ms -> {row['ratio']:.2f}x")

@@ -26,7 +26,8 @@ from gen_jax.ddpm.training import (build_unet, evaluate_bits_per_dim, make_bpd_f
                                    sample_many, schedule_of)
 from gen_jax.errors import DataError
 from gen_jax.images import save_curve_png, save_image_grid
-from gen_jax.train import (Hook, TrainState, batch_sharded, make_optimizer, make_update_fn, num_params, train)
+from gen_jax.train import (Hook, TrainState, batch_sharded, cpu_compiler_options, make_optimizer, make_update_fn,
+                           num_params, train)
 from gen_jax.train.launch import start_run, summarize
 
 
@@ -88,7 +89,8 @@ def main(argv=None) -> dict:
     result = train(**run.train_kwargs(), state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
                    mesh=mesh, steps_per_call=tc.steps_per_call, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, hooks=hooks,
-                   batch_size=tc.batch_size, desc="ddpm")
+                   batch_size=tc.batch_size, desc="ddpm",
+                   compiler_options=cpu_compiler_options(ynn_fusions=tc.cpu_ynn_fusions))
     data.close()
     if result.preempted:
         return {}

@@ -32,7 +32,7 @@ from gen_jax.flash.training import (MODEL_TITLES, LMData, comparison_markdown, e
                                     make_eval_fn, make_lm_optimizer, non_embedding_params, prepare_lm_data,
                                     sample_text, spread_windows)
 from gen_jax.images import save_curve_png
-from gen_jax.train import Hook, TrainState, batch_sharded, make_update_fn, num_params, train
+from gen_jax.train import Hook, TrainState, batch_sharded, cpu_compiler_options, make_update_fn, num_params, train
 from gen_jax.train.launch import start_run, summarize
 
 PAPER_NOTE = ("paper (Hua et al. 2022, sec. 4): FLASH matches Transformer++ perplexity at contexts 512 and 8K "
@@ -135,7 +135,8 @@ def train_model(run, cfg: FlashRunConfig, name: str, data: LMData):
     result = train(**sub.train_kwargs(), state=state, update_fn=update_fn, data=batches, num_steps=tc.num_steps,
                    mesh=mesh, steps_per_call=tc.steps_per_call, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, hooks=hooks,
-                   batch_size=tc.batch_size, desc=name)
+                   batch_size=tc.batch_size, desc=name,
+                   compiler_options=cpu_compiler_options(ynn_fusions=tc.cpu_ynn_fusions))
     batches.close()
     if result.preempted:
         return None

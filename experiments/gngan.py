@@ -32,7 +32,7 @@ from gen_jax.gan.configs import PRESETS, GNGANConfig
 from gen_jax.gan.training import (MnistScorer, build_gan, generate, make_gan_update_fn, make_generate_fn,
                                   save_labeled_panels)
 from gen_jax.images import image_grid, save_curve_png, save_image_grid
-from gen_jax.train import Hook, batch_sharded, num_params, train
+from gen_jax.train import Hook, batch_sharded, cpu_compiler_options, num_params, train
 from gen_jax.train.launch import Run, start_run, summarize
 
 
@@ -104,7 +104,8 @@ def train_and_evaluate(run: Run, cfg: GNGANConfig, scorer: MnistScorer | None = 
     result = train(**run.train_kwargs(), state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
                    mesh=mesh, steps_per_call=tc.steps_per_call, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, hooks=hooks,
-                   batch_size=tc.batch_size * g.n_dis, desc=f"gngan/{cfg.gan.method}")
+                   batch_size=tc.batch_size * g.n_dis, desc=f"gngan/{cfg.gan.method}",
+                   compiler_options=cpu_compiler_options(ynn_fusions=tc.cpu_ynn_fusions))
     data.close()
     if result.preempted:
         return {}

@@ -51,7 +51,8 @@ from gen_jax.roformer_sim.training import (article_pairs, bag_of_chars, corpus_l
                                            frozen_labels, heldout_pairs, load_pretrained, make_stage1_loss,
                                            make_stage2_loss, make_supervised_loss, pair_arrays,
                                            retrieval_metrics, supervised_arrays)
-from gen_jax.train import (Hook, TrainState, batch_sharded, make_optimizer, make_update_fn, num_params, train)
+from gen_jax.train import (Hook, TrainState, batch_sharded, cpu_compiler_options, make_optimizer, make_update_fn,
+                           num_params, train)
 from gen_jax.train.launch import start_run, summarize
 
 _FLAG_KEYS = {"--init": "init", "--teacher": "teacher"}
@@ -196,7 +197,8 @@ def main(argv=None) -> dict:
     result = train(**run.train_kwargs(), state=state, update_fn=update_fn, data=data, num_steps=tc.num_steps,
                    mesh=mesh, steps_per_call=tc.steps_per_call, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, hooks=hooks,
-                   batch_size=tc.batch_size, desc=f"roformer_sim stage {cfg.stage}")
+                   batch_size=tc.batch_size, desc=f"roformer_sim stage {cfg.stage}",
+                   compiler_options=cpu_compiler_options(ynn_fusions=tc.cpu_ynn_fusions))
     data.close()
     if result.preempted:
         return {}

@@ -44,6 +44,9 @@ class TrainConfig:
     seed: int = 0
     compute_dtype: str = "float32"  # "float32" or "bfloat16"; params and optimizer state stay float32
     prefetch: int = 2
+    # False: compile the train step with XLA:CPU's YNNPACK fusions off (faster for small transformers on
+    # the CPU; ignored on other backends). See gen_jax.train.xla_options.
+    cpu_ynn_fusions: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

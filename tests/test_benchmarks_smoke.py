@@ -1,7 +1,8 @@
 """benchmarks/ddpm_speed.py: the peer U-Nets it times are built with our layout (parameter counts equal,
 checked against diffusers itself), and the smallest end-to-end run produces a report and JSON.
 benchmarks/flash_vs_pytorch.py: FLASH-pytorch's parameter count differs from ours by its extras only, and a
-quick run produces a report and JSON (skipped where the peer is not installed)."""
+quick run produces a report and JSON (skipped where the peer is not installed).
+benchmarks/xla_cpu_options.py: both compilations of each model are timed in one run."""
 import functools
 import json
 import os
@@ -18,9 +19,10 @@ except ImportError:
     diffusers = None
 needs_diffusers = pytest.mark.skipif(diffusers is None, reason="diffusers is not installed")
 
+import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import ddpm_speed, flash_vs_pytorch  # noqa: E402
+from benchmarks import ddpm_speed, flash_vs_pytorch, xla_cpu_options  # noqa: E402
 from gen_jax.ddpm import count_params  # noqa: E402
 from gen_jax.ddpm.training import build_unet  # noqa: E402
 
@@ -142,3 +144,15 @@ def test_flash_quick_run_writes_a_table_and_json(tmp_path, capsys):
     assert row["ratio_cpu"] == pytest.approx(row["peer_eager"]["cpu_s"] / row["ours"]["cpu_s"])
     assert abs(row["ours"]["loss_first"] - 5.545) < 0.1  # ~ln 256 at our 0.02-std init
     assert res["params"]["peer"] > res["params"]["ours"]
+
+
+def test_xla_cpu_options_compares_both_compilations_of_each_model(tmp_path, capsys):
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU option")
+    out = tmp_path / "xla.json"
+    rows = xla_cpu_options.main(["--models", "flash,roformer_seq64", "--tiny", "--rounds", "1", "--json", str(out)])
+    assert [r["model"] for r in rows] == ["flash", "roformer_seq64"]
+    for r in rows:
+        assert {k: len(v) for k, v in r["times_s"].items()} == {"default": 1, "ynn_off": 1}
+        assert r["speedup_median"] == pytest.approx(r["median_s"]["default"] / r["median_s"]["ynn_off"])
+    assert "| flash |" in capsys.readouterr().out and json.loads(out.read_text())["rounds"] == 1

@@ -7,8 +7,9 @@ from gen_jax.train.mesh import (batch_sharded, init_distributed, is_main_process
 from gen_jax.train.state import TrainState, ema_update, num_params
 from gen_jax.train.step import (cast_floating, compile_train_step, make_optimizer, make_update_fn,
                                 resolve_dtype)
+from gen_jax.train.xla_options import cpu_compiler_options
 
 __all__ = ["Checkpointer", "MetricWriter", "Progress", "Hook", "TrainResult", "train", "batch_sharded",
            "init_distributed", "is_main_process", "make_mesh", "replicated", "TrainState", "ema_update",
            "num_params", "cast_floating", "compile_train_step", "make_optimizer", "make_update_fn",
-           "resolve_dtype"]
+           "resolve_dtype", "cpu_compiler_options"]

@@ -96,14 +96,16 @@ def train(*, workdir: str, state: TrainState, update_fn: UpdateFn, data: DataIte
           checkpoint_every: int = 500, keep_checkpoints: int = 3, hooks: tuple[Hook, ...] | list = (),
           batch_size: int | None = None, config: Mapping | None = None, async_checkpoint: bool = True,
           desc: str = "train", echo_metrics: bool = True, checkpoint_dir: str | None = None,
-          after_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
+          after_checkpoint: Callable[[int], None] | None = None,
+          compiler_options: dict[str, str] | None = None) -> TrainResult:
     """Train `state` with `update_fn` on batches from `data` up to `num_steps`; resume if `workdir` has a run.
 
     `data` yields batches already laid out on the mesh (e.g. `gen_jax.data.BatchIterator` with
     `sharding=batch_sharded(mesh)`) and reports/restores its position through `get_state`/`set_state`.
     Metrics go to the local `workdir`; checkpoints to `checkpoint_dir` (default `<workdir>/checkpoints`),
     which may be a `gs://` path (`gen_jax.train.launch.Run` stages a remote workdir this way and mirrors
-    the local files there from `after_checkpoint`).
+    the local files there from `after_checkpoint`). `compiler_options` go to the compiled train step only
+    (e.g. `gen_jax.train.xla_options.cpu_compiler_options(ynn_fusions=config.train.cpu_ynn_fusions)`).
     """
     if "://" in str(workdir):
         raise ValueError(f"train(workdir={workdir!r}): the workdir is where metrics are written locally; for a "
@@ -137,7 +139,8 @@ def train(*, workdir: str, state: TrainState, update_fn: UpdateFn, data: DataIte
 
     def step_fn(k: int):
         if k not in compiled:
-            compiled[k] = compile_train_step(update_fn, state_sharding, batch_sharding, k)
+            compiled[k] = compile_train_step(update_fn, state_sharding, batch_sharding, k,
+                                             compiler_options=compiler_options)
         return compiled[k]
 
     step = start_step

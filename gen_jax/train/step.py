@@ -130,10 +130,14 @@ def fuse_steps(update_fn: UpdateFn) -> Callable[[TrainState, tuple], tuple[Train
 
 
 def compile_train_step(update_fn: UpdateFn, state_sharding: Any, batch_sharding: Any,
-                       steps_per_call: int = 1, donate: bool = True):
-    """`jax.jit` of the fused step with explicit shardings: state replicated, batches split on axis 0."""
+                       steps_per_call: int = 1, donate: bool = True,
+                       compiler_options: dict[str, str] | None = None):
+    """`jax.jit` of the fused step with explicit shardings: state replicated, batches split on axis 0.
+
+    compiler_options: XLA options for this function only (`gen_jax.train.xla_options.cpu_compiler_options`).
+    """
     metrics_sharding = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(fuse_steps(update_fn),
                    in_shardings=(state_sharding, (batch_sharding,) * steps_per_call),
                    out_shardings=(state_sharding, metrics_sharding),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (), compiler_options=compiler_options)

@@ -35,7 +35,7 @@ from gen_jax.config import TrainConfig
 from gen_jax.data import BatchIterator
 from gen_jax.errors import ConfigError, ShapeError
 from gen_jax.images import save_image_grid
-from gen_jax.train import Hook, TrainState, batch_sharded, make_update_fn, train
+from gen_jax.train import Hook, TrainState, batch_sharded, cpu_compiler_options, make_update_fn, train
 from gen_jax.train.mesh import replicated
 from gen_jax.vae.configs import OptimConfig
 from gen_jax.vae.models import make_log_likelihood_fn
@@ -110,7 +110,8 @@ def train_submodel(run, name: str, params: Any, loss_fn: Callable, images: np.nd
                        num_steps=tc.num_steps, mesh=run.mesh, steps_per_call=tc.steps_per_call,
                        log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
                        keep_checkpoints=tc.keep_checkpoints, hooks=list(hooks), batch_size=tc.batch_size,
-                       desc=desc or name)
+                       desc=desc or name,
+                       compiler_options=cpu_compiler_options(ynn_fusions=tc.cpu_ynn_fusions))
     finally:
         data.close()
     wall = time.time() - t0
