@@ -44,6 +44,10 @@ NORMALIZERS = ("relu2_n", "relu2_const", "softmax_plus")
 EXACT_DECODING = {"relu2_n": True, "relu2_const": True, "softmax_plus": True}
 SOFTMAX_PLUS_BASE = 512.0  # Su's training length: log(n)/log(512) is 1 at n = 512
 _NEG = -1e30
+# Causal chunks computed as this many row blocks (block r sees keys up to its last row): 2 blocks skip a
+# quarter of the local products; on XLA:CPU the local part's fwd+bwd measured 1.1-1.2x faster than one
+# block (C = 256), 4 blocks no faster than 2.
+CAUSAL_ROW_BLOCKS = 2
 
 
 def _check_normalizer(normalizer: str, norm_const: float | None) -> float:
@@ -151,19 +155,32 @@ def mixed_chunk_attention(q_quad: jax.Array, k_quad: jax.Array, q_lin: jax.Array
     qq, kq, ql, kl, vv = map(chunk, (q_quad, k_quad, q_lin, k_lin, v))
     n_BxGxCx1 = chunk(n_BxT)[..., None]
 
-    # Local (quadratic) part inside each chunk.
+    # Local (quadratic) part inside each chunk. Causal: the chunk's rows in CAUSAL_ROW_BLOCKS blocks, each
+    # against the keys up to its last row only, so the all-masked upper-right blocks are never computed
+    # (3/4 of the products for 2 blocks; the same numbers).
     visible_BxGxCxC = valid_BxGxC[:, :, None, :]
     if causal:
         visible_BxGxCxC = visible_BxGxCxC & jnp.tril(jnp.ones((C, C), bool))
-    scores = jnp.einsum("bgis,bgjs->bgij", qq, kq, preferred_element_type=jnp.float32) / math.sqrt(S)
-    if normalizer == "relu2_n":
-        w = relu2_weights(scores, visible_BxGxCxC, n_BxGxCx1)
-    elif normalizer == "relu2_const":
-        w = relu2_weights(scores, visible_BxGxCxC, const)
-    else:
-        m_BxGxCx1 = visible_BxGxCxC.sum(-1, keepdims=True).astype(jnp.float32)
-        w = softmax_plus_weights(scores, visible_BxGxCxC, m_BxGxCx1)
-    local = jnp.einsum("bgij,bgje->bgie", w.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+    blocks = CAUSAL_ROW_BLOCKS if causal and C % CAUSAL_ROW_BLOCKS == 0 else 1
+    rows = C // blocks
+    parts = []
+    for r in range(blocks):
+        if blocks == 1:  # (non-causal visibility is [B, G, 1, C]: no rows to slice)
+            q_r, keys, vis_r, n_r = qq, C, visible_BxGxCxC, n_BxGxCx1
+        else:
+            row, keys = slice(r * rows, (r + 1) * rows), (r + 1) * rows
+            q_r, vis_r, n_r = qq[:, :, row], visible_BxGxCxC[:, :, row, :keys], n_BxGxCx1[:, :, row]
+        scores = jnp.einsum("bgis,bgjs->bgij", q_r, kq[:, :, :keys],
+                            preferred_element_type=jnp.float32) / math.sqrt(S)
+        if normalizer == "relu2_n":
+            w = relu2_weights(scores, vis_r, n_r)
+        elif normalizer == "relu2_const":
+            w = relu2_weights(scores, vis_r, const)
+        else:  # causal: the keys cut off are invisible to these rows, so the count is unchanged
+            w = softmax_plus_weights(scores, vis_r, vis_r.sum(-1, keepdims=True).astype(jnp.float32))
+        parts.append(jnp.einsum("bgij,bgje->bgie", w.astype(vv.dtype), vv[:, :, :keys],
+                                preferred_element_type=jnp.float32))
+    local = parts[0] if blocks == 1 else jnp.concatenate(parts, axis=2)
 
     # Global (linear) part across chunks.
     kv_BxGxSxE = jnp.einsum("bgjs,bgje->bgse", kl, vv, preferred_element_type=jnp.float32)
