@@ -183,13 +183,17 @@ def mixed_chunk_attention(q_quad: jax.Array, k_quad: jax.Array, q_lin: jax.Array
     local = parts[0] if blocks == 1 else jnp.concatenate(parts, axis=2)
 
     # Global (linear) part across chunks.
-    kv_BxGxSxE = jnp.einsum("bgjs,bgje->bgse", kl, vv, preferred_element_type=jnp.float32)
     if causal:
-        prefix = jnp.cumsum(kv_BxGxSxE, axis=1)
-        ctx_BxGxSxE = jnp.concatenate([jnp.zeros_like(prefix[:, :1]), prefix[:, :-1]], axis=1)  # chunks h < g
+        # Chunk g reads the states of chunks h < g: the last chunk's state is never read and the first chunk
+        # reads none, so neither product is computed (at G = 2 that halves the linear part).
+        kv_BxGxSxE = jnp.einsum("bgjs,bgje->bgse", kl[:, :-1], vv[:, :-1], preferred_element_type=jnp.float32)
+        ctx_BxGxSxE = jnp.cumsum(kv_BxGxSxE, axis=1)  # for chunks 1 .. G-1
+        lin = jnp.einsum("bgis,bgse->bgie", ql[:, 1:].astype(jnp.float32), ctx_BxGxSxE)
+        lin = jnp.concatenate([jnp.zeros((B, 1, C, E), lin.dtype), lin], axis=1)
     else:
+        kv_BxGxSxE = jnp.einsum("bgjs,bgje->bgse", kl, vv, preferred_element_type=jnp.float32)
         ctx_BxGxSxE = kv_BxGxSxE.sum(1, keepdims=True) - kv_BxGxSxE  # chunks h != g
-    lin = jnp.einsum("bgis,bgse->bgie", ql.astype(jnp.float32), ctx_BxGxSxE)
+        lin = jnp.einsum("bgis,bgse->bgie", ql.astype(jnp.float32), ctx_BxGxSxE)
     lin = lin / (const if normalizer == "relu2_const" else n_BxGxCx1)
 
     out = (local + lin).reshape(B, G * C, E)[:, :T]

@@ -36,6 +36,15 @@ def test_chunked_equals_dense_reference(normalizer, causal):
 
 
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
+@pytest.mark.parametrize("length", [3, 4, 8])  # one chunk (no linear part at all), one full, two chunks
+def test_causal_one_or_two_chunks_equal_dense_reference(normalizer, length):
+    args = _inputs(seed=5, T=length)
+    kw = dict(chunk_size=C, causal=True, normalizer=normalizer, norm_const=3.0)
+    np.testing.assert_allclose(mixed_chunk_attention(*args, **kw), dense_reference(*args, **kw), atol=2e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
 @pytest.mark.parametrize("chunk_size", [8, 7])  # 7: not divisible into row blocks, computed as one
 def test_causal_row_blocks_skip_only_masked_products(monkeypatch, normalizer, chunk_size):
     """Output and gradients are the same for 1, 2 and 4 row blocks per causal chunk, and equal the dense oracle."""
