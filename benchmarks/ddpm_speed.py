@@ -134,7 +134,8 @@ def _flops_of(compiled) -> float | None:
 
 # ------------------------------------------------------------------------------------------- train steps
 
-def ours_train(cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *, ema: bool, seed: int = 0) -> dict:
+def ours_train_setup(cfg: DDPMConfig, batch: int, *, ema: bool, seed: int = 0) -> tuple[Callable, TrainState, dict]:
+    """(update_fn, state, data): our U-Net train step (float32, EMA if `ema`) and a batch of random images."""
     device = jax.devices()[0]
     graphdef, params = nnx.split(build_unet(cfg, nnx.Rngs(seed)), nnx.Param)
     loss_fn = make_loss_fn(graphdef, schedule_of(cfg), cfg)
@@ -144,8 +145,11 @@ def ours_train(cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *, ema: b
     d = cfg.data
     images = np.random.default_rng(seed).integers(0, 256, (batch, d.image_size, d.image_size, d.channels),
                                                   dtype=np.uint8)
-    data = {"image": jax.device_put(images, device)}
+    return update_fn, state, {"image": jax.device_put(images, device)}
 
+
+def ours_train(cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *, ema: bool, seed: int = 0) -> dict:
+    update_fn, state, data = ours_train_setup(cfg, batch, ema=ema, seed=seed)
     t0 = time.perf_counter()
     compiled = jax.jit(update_fn, donate_argnums=0).lower(state, data).compile()
     compile_s = time.perf_counter() - t0
@@ -158,8 +162,8 @@ def ours_train(cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *, ema: b
         jax.block_until_ready((box[0], metrics))
 
     sec, times = median_step_seconds(step, warmup, repeats)
-    return {"params": count_params(params), "step_s": sec, "images_per_s": batch / sec, "step_times_s": times,
-            "compile_s": compile_s, "flops_per_step": flops}
+    return {"params": count_params(state.params), "step_s": sec, "images_per_s": batch / sec,
+            "step_times_s": times, "compile_s": compile_s, "flops_per_step": flops}
 
 
 def _torch_train_loop(model: Any, forward: Callable, cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *,

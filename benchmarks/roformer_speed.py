@@ -38,9 +38,9 @@ def _time(fn, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def bench_encoder_jax(cfg: RoFormerConfig, batch: int, seq: int, warmup: int, iters: int) -> float:
-    model = RoFormer(cfg, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
+def encoder_loss(cfg: RoFormerConfig, batch: int, seq: int):
+    """(loss, params): mean(h^2) of the encoder's hidden states on random ids, as a function of the params."""
+    graphdef, params = nnx.split(RoFormer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     ids = jnp.asarray(np.random.RandomState(0).randint(5, cfg.vocab_size, (batch, seq)), jnp.int32)
     seg = jnp.zeros_like(ids)
 
@@ -48,6 +48,11 @@ def bench_encoder_jax(cfg: RoFormerConfig, batch: int, seq: int, warmup: int, it
         out = nnx.merge(graphdef, p)(ids, seg)
         return jnp.mean(out.hidden_BxTxD.astype(jnp.float32) ** 2)
 
+    return loss, params
+
+
+def bench_encoder_jax(cfg: RoFormerConfig, batch: int, seq: int, warmup: int, iters: int) -> float:
+    loss, params = encoder_loss(cfg, batch, seq)
     step = jax.jit(jax.grad(loss))
     return _time(lambda: jax.block_until_ready(step(params)), warmup, iters)
 

@@ -62,35 +62,21 @@ def flash_lm_step(name: str, options, tiny: bool = False):
 
 
 def ddpm_mnist_step(options, tiny: bool = False):
-    from benchmarks.ddpm_speed import DEFAULT_BATCH, EMA_DECAY, bench_config
-    from gen_jax.ddpm.training import build_unet, make_loss_fn, schedule_of
+    from benchmarks.ddpm_speed import DEFAULT_BATCH, bench_config, ours_train_setup
 
     name = "tiny" if tiny else "mnist"
-    cfg, batch = bench_config(name), DEFAULT_BATCH[name]
-    graphdef, params = nnx.split(build_unet(cfg, nnx.Rngs(0)), nnx.Param)
-    optimizer = make_optimizer(cfg.train.learning_rate, grad_clip_norm=cfg.train.grad_clip_norm)
-    update_fn = make_update_fn(make_loss_fn(graphdef, schedule_of(cfg), cfg), optimizer, ema_decay=EMA_DECAY,
-                               compute_dtype="float32")
-    state = TrainState.create(params, optimizer, jax.random.PRNGKey(0), use_ema=True)
-    d = cfg.data
-    images = np.random.default_rng(0).integers(0, 256, (batch, d.image_size, d.image_size, d.channels), np.uint8)
-    return _donating_step(update_fn, state, {"image": jnp.asarray(images)}, options)
+    return _donating_step(*ours_train_setup(bench_config(name), DEFAULT_BATCH[name], ema=True), options)
 
 
 def roformer_step(options, tiny: bool = False):
     """RoFormer encoder fwd+bwd (the gradient of mean(h^2)), as benchmarks/roformer_speed.py."""
-    from gen_jax.roformer import RoFormer, RoFormerConfig
+    from benchmarks.roformer_speed import encoder_loss
+    from gen_jax.roformer import RoFormerConfig
 
     size = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=200) if tiny else \
         dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, vocab_size=12000)
     cfg = RoFormerConfig(**size, dropout_rate=0.0, attention_dropout_rate=0.0)
-    graphdef, params = nnx.split(RoFormer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    batch, seq = (4, 16) if tiny else (32, 64)
-    ids = jnp.asarray(np.random.RandomState(0).randint(5, cfg.vocab_size, (batch, seq)), jnp.int32)
-
-    def loss(p):
-        return jnp.mean(nnx.merge(graphdef, p)(ids, jnp.zeros_like(ids)).hidden_BxTxD ** 2)
-
+    loss, params = encoder_loss(cfg, *((4, 16) if tiny else (32, 64)))
     grad = jax.jit(jax.grad(loss), compiler_options=options).lower(params).compile()
     return lambda: jax.block_until_ready(grad(params))
 
@@ -132,8 +118,8 @@ def main(argv=None) -> list[dict]:
     m = machine_info()
     print(f"Machine: {m['cpu']}, {m['usable_cores']} usable cores; jax {jax.__version__} on {m['jax_device']}")
     print(speed_env_line(m["speed_env"]))
-    print(f"\n| model | default ms/step (median / min) | YNN off ms/step (median / min) | speed-up median | "
-          f"speed-up min |\n|---|---|---|---|---|")
+    print("\n| model | default ms/step (median / min) | YNN off ms/step (median / min) | speed-up median | "
+          "speed-up min |\n|---|---|---|---|---|")
     rows = []
     for model in models:
         r = compare(model, a.rounds, a.tiny)
