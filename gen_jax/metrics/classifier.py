@@ -5,9 +5,16 @@ on MNIST are the usual stand-in (report FID(test vs train) next to any model's n
 
 The classifier is trained once, deterministically: a fixed seed for the initialization, a fixed number of
 epochs over the MNIST training split in the order of a permutation seeded by (seed, epoch), Adam with a
-cosine-decayed learning rate, one compiled step per batch. Its parameters are cached at
-`$GEN_JAX_CACHE/mnist_classifier_v1_<hash>.npz`, the hash taken over the recipe (`ClassifierConfig`), so a
-changed recipe trains a new classifier instead of silently reusing an old one.
+cosine-decayed learning rate, one compiled step per batch. The weights of the default recipe ship with the
+package (`gen_jax/metrics/assets/`, SHA-256 checked on load), because training is reproducible only on one
+backend with one set of settings: on the same CPU, a process with 8 fake devices rounds a few operations
+differently than one with one device, and over ~1,200 steps that grows into different weights (test
+accuracy 98.7% vs 99.0%); a GPU differs again. FID numbers are only comparable on one and the same
+classifier.
+`python -m gen_jax.metrics.classifier` retrains them on one device and rewrites the file. Other recipes
+are trained on first use and cached at `$GEN_JAX_CACHE/mnist_classifier_v1_<hash>.npz`, the hash taken
+over the recipe (`ClassifierConfig`), so a changed recipe trains a new classifier instead of silently
+reusing an old one.
 
 Architecture: conv 5x5 stride 2 -> ReLU -> conv 5x5 stride 2 -> ReLU -> dense (feature_dim) -> ReLU ->
 dense 10: LeNet with strided convolutions in place of conv + max-pool, ~5x cheaper on a CPU. Three epochs
@@ -38,6 +45,11 @@ log = logging.getLogger(__name__)
 
 CACHE_PREFIX = "mnist_classifier_v1"
 NUM_CLASSES = 10
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+# recipe digest -> SHA-256 of the shipped weights file `{CACHE_PREFIX}_{digest}.npz` in ASSETS_DIR
+SHIPPED_SHA256: dict[str, str] = {
+    "4ce5d6004e40": "0060aeaa3abd04b8a98e194f2e1d96adff673e477dabb543f45a86cad5c3c708",  # test accuracy 0.9896
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +261,35 @@ def load_classifier(path: str, config: ClassifierConfig = ClassifierConfig()
     return graphdef, jax.tree_util.tree_map_with_path(fill, abstract), meta
 
 
+def shipped_path(config: ClassifierConfig = ClassifierConfig()) -> str | None:
+    """The packaged weights file of this recipe, or None when none ships for it."""
+    if config.digest() not in SHIPPED_SHA256:
+        return None
+    return os.path.join(ASSETS_DIR, f"{CACHE_PREFIX}_{config.digest()}.npz")
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_shipped_classifier(config: ClassifierConfig = ClassifierConfig()
+                            ) -> tuple[nnx.GraphDef, nnx.State, dict[str, Any]] | None:
+    """The packaged classifier of this recipe (None if none ships); DataError if the file is missing or altered."""
+    path = shipped_path(config)
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        raise DataError(f"the packaged MNIST classifier {path} is missing (an install without package data?); "
+                        "reinstall gen_jax, e.g. `pip install --force-reinstall -e .` from the repository")
+    digest = _file_sha256(path)
+    if digest != SHIPPED_SHA256[config.digest()]:
+        raise DataError(f"the packaged MNIST classifier {path} has SHA-256 {digest}, not the released "
+                        f"{SHIPPED_SHA256[config.digest()]}: the file was changed or truncated. Restore it "
+                        "(`git checkout -- gen_jax/metrics/assets`) or reinstall gen_jax")
+    return load_classifier(path, config)
+
+
 def _load_mnist(split: str):
     from gen_jax.data import load_images
     return load_images("mnist", split)
@@ -258,24 +299,31 @@ _EXTRACTORS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]
 
 
 def get_mnist_feature_extractor(cache_dir: str | None = None, *, config: ClassifierConfig = ClassifierConfig(),
-                                load_fn: Callable[[str], Any] | None = None, batch_size: int = 500
+                                load_fn: Callable[[str], Any] | None = None, batch_size: int = 500,
+                                use_shipped: bool = True
                                 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
     """(features_fn: uint8[N,28,28,1] -> float32[N, feature_dim], info) for FID/precision/recall on MNIST.
 
-    Loads the classifier from the cache, or trains it once on `load_fn("train")` (default: the project's
-    MNIST via `gen_jax.data.load_images("mnist", split)`), measures accuracy on `load_fn("test")`, and
-    caches it. `info` holds `test_accuracy`, `config`, `cache_path` and `trained` (True if trained now).
-    The result is memoized per cache file within the process.
+    Uses the packaged weights when they ship for `config` (the default recipe; `use_shipped=False` skips
+    them); otherwise loads the classifier from the cache, or trains it once on `load_fn("train")` (default:
+    the project's MNIST via `gen_jax.data.load_images("mnist", split)`), measures accuracy on
+    `load_fn("test")`, and caches it. `info` holds `test_accuracy`, `config`, `source` ("shipped", "cache"
+    or "trained"), `cache_path` (the file read or written) and `trained` (True if trained now). The result
+    is memoized per cache directory and recipe within the process.
     """
     path = cache_path(cache_dir, config)
     if path in _EXTRACTORS:
         return _EXTRACTORS[path]
     load_fn = load_fn or _load_mnist
     graphdef = params = None
-    if os.path.exists(path):
+    shipped = load_shipped_classifier(config) if use_shipped else None
+    if shipped is not None:
+        graphdef, params, meta = shipped
+        info = {**meta, "cache_path": shipped_path(config), "source": "shipped", "trained": False}
+    elif os.path.exists(path):
         try:
             graphdef, params, meta = load_classifier(path, config)
-            info = {**meta, "cache_path": path, "trained": False}
+            info = {**meta, "cache_path": path, "source": "cache", "trained": False}
         except DataError as e:
             log.warning("%s; retraining", e)
     if params is None:
@@ -288,8 +336,36 @@ def get_mnist_feature_extractor(cache_dir: str | None = None, *, config: Classif
                 "test_accuracy": accuracy(graphdef, params, test.images, test.labels, config)}
         save_classifier(path, params, config, meta)
         info = {**meta, "config": dataclasses.asdict(config), "digest": config.digest(), "cache_path": path,
-                "trained": True}
+                "source": "trained", "trained": True}
         log.info("MNIST classifier: test accuracy %.4f after %.0f s", meta["test_accuracy"], meta["train_seconds"])
     result = (make_features_fn(graphdef, params, config, batch_size=batch_size), info)
     _EXTRACTORS[path] = result
     return result
+
+
+def write_shipped_classifier(config: ClassifierConfig = ClassifierConfig(), *, load_fn=None,
+                             assets_dir: str = ASSETS_DIR) -> tuple[str, str, dict[str, Any]]:
+    """Train `config` from scratch on one device and write it to `assets_dir`; returns (path, sha256, meta)."""
+    if jax.device_count() != 1:
+        raise RuntimeError(f"this process sees {jax.device_count()} devices; the shipped classifier is trained "
+                           "with one (run `python -m gen_jax.metrics.classifier` without "
+                           "--xla_force_host_platform_device_count in XLA_FLAGS)")
+    load_fn = load_fn or _load_mnist
+    start = time.perf_counter()
+    train = load_fn("train")
+    graphdef, params, train_info = train_classifier(train.images, train.labels, config)
+    test = load_fn("test")
+    meta = {**train_info, "train_seconds": time.perf_counter() - start,
+            "test_accuracy": accuracy(graphdef, params, test.images, test.labels, config),
+            "trained_with": f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+                            "one device"}
+    path = os.path.join(assets_dir, f"{CACHE_PREFIX}_{config.digest()}.npz")
+    save_classifier(path, params, config, meta)
+    return path, _file_sha256(path), meta
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    out_path, sha, out_meta = write_shipped_classifier()
+    print(f"wrote {out_path}\n  test accuracy {out_meta['test_accuracy']:.4f}, {out_meta['trained_with']}\n"
+          f"  put this in SHIPPED_SHA256: {ClassifierConfig().digest()!r}: {sha!r}")

@@ -1,6 +1,7 @@
 """The MNIST feature classifier: deterministic training, atomic cache keyed by the recipe, batched features,
 and the FID / precision-recall wrappers built on it. Training is checked on a small synthetic 10-class set
-(one training for the whole module, one more for determinism); real-MNIST accuracy (> 98%) is a slow test."""
+(one training for the whole module, one more for determinism). The default recipe's weights ship with the
+package: checked against their checksum and on real MNIST; retraining that recipe from scratch is a slow test."""
 import os
 import shutil
 
@@ -10,7 +11,7 @@ import pytest
 
 from gen_jax.errors import DataError, ShapeError
 from gen_jax.metrics import classifier as clf
-from gen_jax.metrics.fid import mnist_fid
+from gen_jax.metrics.fid import fid_from_features, mnist_fid
 from gen_jax.metrics.precision_recall import mnist_precision_recall
 
 TINY = clf.ClassifierConfig(conv_features=(4, 8), feature_dim=16, batch_size=32, num_epochs=3,
@@ -116,14 +117,51 @@ def test_mnist_fid_and_precision_recall_use_the_extractor_of_the_cache_dir(train
     assert p > 0.9 and r < 0.7  # half the classes missing: precise, but little recall
 
 
-@pytest.mark.slow
-def test_real_mnist_classifier_is_over_98_percent_accurate_and_the_fid_floor_is_small():
-    """Trains (or loads from $GEN_JAX_CACHE) the real classifier: about a minute on 2 CPU cores."""
+def test_the_default_recipe_ships_checksummed_weights_trained_on_one_device():
+    path = clf.shipped_path()
+    assert path is not None and os.path.exists(path)
+    assert clf._file_sha256(path) == clf.SHIPPED_SHA256[clf.ClassifierConfig().digest()]
+    _, _, meta = clf.load_classifier(path)
+    assert meta["digest"] == clf.ClassifierConfig().digest() and "one device" in meta["trained_with"]
+    assert clf.shipped_path(TINY) is None  # other recipes train and cache
+
+
+def test_shipped_weights_come_before_the_cache_and_training(tmp_path):
+    clf._EXTRACTORS.pop(clf.cache_path(str(tmp_path)), None)
+    _, info = clf.get_mnist_feature_extractor(str(tmp_path), load_fn=_no_data)
+    assert info["source"] == "shipped" and not info["trained"] and info["cache_path"] == clf.shipped_path()
+    assert os.listdir(tmp_path) == []  # nothing trained, nothing written
+
+
+def test_an_altered_or_missing_shipped_file_is_refused_with_the_fix(tmp_path, monkeypatch):
+    altered = bytearray(open(clf.shipped_path(), "rb").read())
+    altered[len(altered) // 2] ^= 1
+    (tmp_path / os.path.basename(clf.shipped_path())).write_bytes(bytes(altered))
+    monkeypatch.setattr(clf, "ASSETS_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="SHA-256 .* changed or truncated"):
+        clf.load_shipped_classifier()
+    monkeypatch.setattr(clf, "ASSETS_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="missing .* reinstall gen_jax"):
+        clf.load_shipped_classifier()
+
+
+def test_shipped_classifier_is_over_98_percent_accurate_on_mnist_and_the_fid_floor_is_small():
     from gen_jax.data import load_images
-    clf._EXTRACTORS.clear()
-    features_fn, info = clf.get_mnist_feature_extractor()
-    assert info["test_accuracy"] > 0.98
+    graphdef, params, meta = clf.load_shipped_classifier()
     test, train = load_images("mnist", "test"), load_images("mnist", "train")
-    floor = mnist_fid(test.images, train.images[:10000])
-    digits_0_4 = test.images[test.labels < 5]
-    assert floor < 0.1 * mnist_fid(test.images, digits_0_4)  # missing half the classes is far worse
+    acc = clf.accuracy(graphdef, params, test.images, test.labels)
+    assert acc > 0.98 and acc == pytest.approx(meta["test_accuracy"], abs=2e-4)  # as recorded when shipped
+    features = clf.make_features_fn(graphdef, params)
+    floor = mnist_fid_of(features, test.images, train.images[:10000])
+    assert floor < 0.1 * mnist_fid_of(features, test.images, test.images[test.labels < 5])  # half the classes
+
+
+def mnist_fid_of(features_fn, images_a, images_b):
+    return fid_from_features(features_fn(images_a), features_fn(images_b))
+
+
+@pytest.mark.slow
+def test_retraining_the_default_recipe_from_scratch_is_over_98_percent_accurate(tmp_path):
+    """Trains the real classifier (not the shipped file): about a minute on 2 CPU cores."""
+    _, info = clf.get_mnist_feature_extractor(str(tmp_path), use_shipped=False)
+    assert info["source"] == "trained" and info["test_accuracy"] > 0.98
