@@ -124,7 +124,13 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(path, kernel_spec_manager, mo
     km = KernelManager(kernel_name="gen_jax_test", kernel_spec_manager=kernel_spec_manager)
     client = nbclient.NotebookClient(nb, km=km, timeout=900, allow_errors=False,
                                      resources={"metadata": {"path": str(COLAB)}})
-    client.execute()  # raises CellExecutionError with the failing cell's traceback
+    try:
+        client.execute()  # raises CellExecutionError with the failing cell's traceback
+    finally:
+        # nbclient leaves a kernel it did not start running: without this each notebook's kernel (1-2 GB,
+        # polling) lived until the pytest worker exited
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
