@@ -21,10 +21,31 @@ from gen_jax.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
+def _save_cpu_arrays_whole() -> None:
+    """On the CPU backend, have Orbax write each replicated jax.Array whole (process-wide, once).
+
+    Orbax's default "replica-parallel" save splits a replicated array into one slice per replica so that
+    several accelerators write in parallel. CPU devices share one host memory, so the split gains nothing,
+    and every slice is an eager op that XLA compiles once per array shape: 16 s of the first save of a
+    45k-parameter U-Net on 8 host devices, 0.2 s without. Left alone when a handler other than Orbax's
+    default one is registered for jax.Array, or off the CPU.
+    """
+    if jax.default_backend() != "cpu":
+        return
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if type(current) is not ocp.type_handlers.ArrayHandler or not getattr(current, "_use_replica_parallel", True):
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=getattr(current, "_array_metadata_store", None)),
+        override=True)
+
+
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with items `state`, `data` and `meta`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        _save_cpu_arrays_whole()
         self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save,

@@ -131,6 +131,35 @@ def test_checkpoint_round_trip(tmp_path):
     _close(jax.device_get(restored), jax.device_get(state), tol=0)
 
 
+def test_saving_replicated_arrays_on_cpu_compiles_nothing_and_restores_exactly(tmp_path):
+    """Orbax's replica-parallel save would slice each array per replica, one XLA compile per new shape."""
+    mesh = T.make_mesh()
+    assert len(jax.devices()) == 8
+    shapes = [(40, 3), (24, 5, 3), (56,), (3, 3, 8, 72)]  # shapes no other test saves, axes divisible by 8
+    tree = {f"w{i}": jax.device_put(jnp.arange(np.prod(s), dtype=jnp.float32).reshape(s) / 7, T.replicated(mesh))
+            for i, s in enumerate(shapes)}
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ckpt = T.Checkpointer(str(tmp_path / "ck"))
+        ckpt.save(1, tree)
+        ckpt.wait()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    template = jax.tree.map(lambda x: jax.device_put(jnp.zeros_like(x), T.replicated(mesh)), tree)
+    _, restored, _, _ = ckpt.restore_latest_good(template)
+    ckpt.close()
+    for key in tree:
+        np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(tree[key]))
+        assert restored[key].sharding.is_equivalent_to(T.replicated(mesh), tree[key].ndim)
+
+
 # ---- whole runs in subprocesses -------------------------------------------------------------------------
 
 def _toy(workdir, steps, *extra, out=None, check=True, timeout=240):
