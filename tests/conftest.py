@@ -6,3 +6,9 @@ os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] if "device_count" in os.enviro
     os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("GEN_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gen_jax"))
+# One persistent XLA compilation cache for the whole run, shared by the workers, the launcher subprocesses
+# and the notebook kernels (what a launcher turns on, gen_jax.train.enable_compilation_cache): programs that
+# several tests compile (the tiny presets' steps and samplers, initializers of the same shapes) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["GEN_JAX_CACHE"], "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from gen_jax.config import to_dict
+from gen_jax.train.compilation_cache import enable_compilation_cache
 from gen_jax.train.mesh import init_distributed, is_main_process, make_mesh
 
 
@@ -186,7 +187,9 @@ class Run:
 
 
 def start_run(config: Any, args: Any, *, name: str) -> Run:
-    """Initialise jax.distributed when asked, pick the workdir, and print a header (process 0)."""
+    """Turn on the persistent compilation cache, initialise jax.distributed when asked, pick the workdir, and
+    print a header (process 0)."""
+    xla_cache = enable_compilation_cache()
     init_distributed(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                      getattr(args, "process_id", None))
     preset = getattr(args, "preset", "run")
@@ -209,6 +212,7 @@ def start_run(config: Any, args: Any, *, name: str) -> Run:
         print(f"  jax {jax.__version__} on {len(devices)} {devices[0].platform} device(s) "
               f"({devices[0].device_kind}) in {jax.process_count()} process(es); python "
               f"{platform.python_version()}")
+        print(f"  XLA compilation cache: {xla_cache or 'off'}")
         run.write_json("config.json", to_dict(config))
     return run
 
