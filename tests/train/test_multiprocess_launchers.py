@@ -7,8 +7,8 @@ and re-running the same command must resume from the last checkpoint and finish 
 run's result.
 
 Every run goes through `python -m experiments.launch_local ... -- experiments.<paper> --preset tiny`. The
-runs of this module share a persistent XLA compilation cache, so the kill and resume runs reuse the
-2-process run's compiled programs.
+runs inherit the test session's persistent XLA compilation cache (tests/conftest.py), so the kill and resume
+runs reuse the 2-process run's compiled programs.
 """
 import json
 import os
@@ -36,25 +36,19 @@ DDPM = ["train.num_steps=6", "train.checkpoint_every=3", "train.log_every=3", "e
         "eval.bpd_timesteps=5"]
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
-
-
 def _command(num_processes, devices_per_process, module, workdir, sets):
     return ([sys.executable, "-m", "experiments.launch_local", "-n", str(num_processes),
              "--devices-per-process", str(devices_per_process), "--", module, "--preset", "tiny",
              "--workdir", str(workdir)] + [a for s in sets for a in ("--set", s)])
 
 
-def _env(cache):
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-                PYTHONUNBUFFERED="1")
+def _env():
+    return dict(os.environ, PYTHONUNBUFFERED="1")
 
 
-def _launch(cache, num_processes, devices_per_process, module, workdir, sets, timeout=420):
+def _launch(num_processes, devices_per_process, module, workdir, sets, timeout=420):
     proc = subprocess.run(_command(num_processes, devices_per_process, module, workdir, sets), cwd=ROOT,
-                          env=_env(cache), capture_output=True, text=True, timeout=timeout)
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{module} on {num_processes} process(es) failed ({proc.returncode}):\n"
                              f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -92,10 +86,10 @@ def _train_losses(metrics_path):
 # ---------------------------------------------------------------------------------------------- FLASH
 
 @pytest.fixture(scope="module")
-def flash_two(tmp_path_factory, compile_cache):
+def flash_two(tmp_path_factory):
     """The uninterrupted 2-process run: the reference of the parity and the kill-and-resume tests."""
     wd = tmp_path_factory.mktemp("flash2") / "run"
-    proc = _launch(compile_cache, 2, 1, "experiments.flash", wd, FLASH)
+    proc = _launch(2, 1, "experiments.flash", wd, FLASH)
     assert "in 2 process(es)" in proc.stdout
     return wd
 
@@ -112,9 +106,9 @@ def _assert_same_flash_results(wd, ref, tol):
     np.testing.assert_allclose([p[1] for p in row["curve"]], [p[1] for p in ref_row["curve"]], rtol=tol)
 
 
-def test_flash_two_processes_match_one_process(tmp_path, compile_cache, flash_two):
+def test_flash_two_processes_match_one_process(tmp_path, flash_two):
     one = tmp_path / "run"
-    proc = _launch(compile_cache, 1, 2, "experiments.flash", one, FLASH)
+    proc = _launch(1, 2, "experiments.flash", one, FLASH)
     assert "2 cpu device(s) (cpu) in 1 process(es)" in proc.stdout
     _assert_same_flash_results(one, flash_two, tol=1e-5)
     # One writer: every metrics row once (process 0 only), and the files only process 0 writes exist.
@@ -141,13 +135,12 @@ def _children(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the launched processes in /proc")
-def test_killing_one_process_stops_the_launch_and_a_rerun_resumes_to_the_same_result(tmp_path, compile_cache,
-                                                                                   flash_two):
+def test_killing_one_process_stops_the_launch_and_a_rerun_resumes_to_the_same_result(tmp_path, flash_two):
     wd = tmp_path / "run"
     cmd = _command(2, 1, "experiments.flash", wd, FLASH)
     log = tmp_path / "killed_run.log"  # a file, not a pipe: nobody reads while we wait for the checkpoint
     with open(log, "w") as out:
-        launch = subprocess.Popen(cmd, cwd=ROOT, env=_env(compile_cache), stdout=out, stderr=subprocess.STDOUT)
+        launch = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         first = wd / "flash" / "checkpoints" / "4"
         deadline = time.time() + 300
@@ -172,7 +165,7 @@ def test_killing_one_process_stops_the_launch_and_a_rerun_resumes_to_the_same_re
     assert waited < 60, f"launch_local took {waited:.0f} s to stop after the kill"
     assert not (wd / "results.json").exists()
 
-    proc = _launch(compile_cache, 2, 1, "experiments.flash", wd, FLASH)
+    proc = _launch(2, 1, "experiments.flash", wd, FLASH)
     out = proc.stdout + proc.stderr
     assert "resumed from" in out, out[-3000:]
     resumed_at = int(out.split("resumed from")[1].split("at step")[1].split()[0])
@@ -202,10 +195,10 @@ def test_a_survivor_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_pa
 # ---------------------------------------------------------------------------------------------- DDPM
 
 @pytest.mark.slow  # ~3-5 min on 2 CPU cores: the U-Net step compiles in ~30 s per process
-def test_ddpm_two_processes_match_one_process(tmp_path, compile_cache):
+def test_ddpm_two_processes_match_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    _launch(compile_cache, 1, 2, "experiments.ddpm", one, DDPM, timeout=900)
-    proc = _launch(compile_cache, 2, 1, "experiments.ddpm", two, DDPM, timeout=900)
+    _launch(1, 2, "experiments.ddpm", one, DDPM, timeout=900)
+    proc = _launch(2, 1, "experiments.ddpm", two, DDPM, timeout=900)
     assert "in 2 process(es)" in proc.stdout
     _assert_same_checkpoint(_checkpoint(two / "checkpoints"), _checkpoint(one / "checkpoints"), tol=1e-5)
     assert any("ema_params" in k for k in _checkpoint(two / "checkpoints")[1])
