@@ -201,7 +201,8 @@ def accuracy(graphdef: nnx.GraphDef, params: nnx.State, images_uint8: np.ndarray
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("GEN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gen_jax")
+    from gen_jax.data.assets import cache_dir  # `$GEN_JAX_CACHE`, default ~/.cache/gen_jax
+    return str(cache_dir())
 
 
 def cache_path(cache_dir: str | None = None, config: ClassifierConfig = ClassifierConfig()) -> str:

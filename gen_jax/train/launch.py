@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from gen_jax.config import to_dict
+from gen_jax.data.assets import cache_dir
 from gen_jax.train.compilation_cache import enable_compilation_cache
 from gen_jax.train.mesh import init_distributed, is_main_process, make_mesh
 
@@ -27,8 +28,7 @@ def staging_dir(workdir: str, process_index: int = 0) -> str:
     """The local folder a remote workdir is written to first: `$GEN_JAX_STAGING/<bucket_path>` (default
     `$GEN_JAX_CACHE/staging` or `~/.cache/gen_jax/staging`), one per process (`.process<k>` for k > 0), so
     that processes sharing a host do not write over each other."""
-    root = os.environ.get(STAGING_ENV) or os.path.join(
-        os.environ.get("GEN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gen_jax"), "staging")
+    root = os.environ.get(STAGING_ENV) or os.path.join(cache_dir(), "staging")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(workdir).split("://", 1)[-1]) or "_"
     return os.path.join(os.path.expanduser(root), safe + (f".process{process_index}" if process_index else ""))
 
