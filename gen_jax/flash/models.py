@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 from gen_jax.errors import ConfigError, ShapeError
 from gen_jax.flash.configs import FlashConfig, TransformerConfig
 from gen_jax.flash.gau import GAU, compute_dtype, dense, make_norm
-from gen_jax.nn.rope import apply_rope, rope_tables
+from gen_jax.nn.rope import rope_tables, rotate_interleaved
 
 
 def _check_tokens(tokens_BxT: jax.Array, mask: jax.Array | None) -> None:
@@ -106,16 +106,18 @@ class TransformerBlock(nnx.Module):
         self.ffn_out = dense(f, d, cfg.init_std, dtype, rngs, use_bias=False)
 
     def __call__(self, x_BxTxD: jax.Array, *, mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+                 positions: ArrayLike | None = None, rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """`rope`: the (cos, sin) tables of `rope_tables(positions[..., None], head_dim, rope_base)`, computed once
+        for all blocks by `TransformerPP`; without it they are made here from `positions` (default 0..T-1)."""
         cfg = self.cfg
         B, T, d = x_BxTxD.shape
         N, H = cfg.num_heads, cfg.head_dim
-        if positions is None:
-            positions = jnp.arange(T)[None]
+        if rope is None:
+            rope = _transformer_rope_tables(T, positions, cfg)
         qkv = self.qkv(self.attn_norm(x_BxTxD)).reshape(B, T, 3, N, H)
-        pos = positions[..., None]  # broadcast over heads of [B, T, N, H]
-        q = apply_rope(qkv[:, :, 0], pos, base=cfg.rope_base)
-        k = apply_rope(qkv[:, :, 1], pos, base=cfg.rope_base)
+        # RoPE in float32 as apply_rope (whose interleaved result this is)
+        q = rotate_interleaved(qkv[:, :, 0].astype(jnp.float32), *rope).astype(qkv.dtype)
+        k = rotate_interleaved(qkv[:, :, 1].astype(jnp.float32), *rope).astype(qkv.dtype)
         v = qkv[:, :, 2]
         attn_mask = None if mask is None else mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T] keys
         ctx = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, is_causal=cfg.causal,
@@ -140,12 +142,23 @@ class TransformerPP(nnx.Module):
                  positions: jax.Array | None = None) -> jax.Array:
         _check_tokens(tokens_BxT, mask)
         x = self.embed(tokens_BxT)
+        rope = _transformer_rope_tables(tokens_BxT.shape[1], positions, self.config)  # once for all layers
         for layer in self.layers:
             if self.config.remat:
-                x = nnx.remat(lambda lyr, y, m, p: lyr(y, mask=m, positions=p))(layer, x, mask, positions)
+                x = nnx.remat(lambda lyr, y, m, r: lyr(y, mask=m, rope=r))(layer, x, mask, rope)
             else:
-                x = layer(x, mask=mask, positions=positions)
+                x = layer(x, mask=mask, rope=rope)
         return self.head(x, self.embed)
+
+
+def _transformer_rope_tables(T: int, positions: ArrayLike | None, cfg: TransformerConfig):
+    """(cos, sin) [B or 1, T, 1, H/2]; default positions are concrete, so the tables are constants of the compiled
+    step (traced ones make XLA:CPU recompute sin/cos inside every RoPE fusion)."""
+    if positions is None:
+        positions = np.arange(T)[None]
+    elif not isinstance(positions, (np.ndarray, jax.Array)):
+        positions = np.asarray(positions)
+    return rope_tables(positions[..., None], cfg.head_dim, cfg.rope_base)  # [..., None]: over heads of [B, T, N, H]
 
 
 def build(config: FlashConfig | TransformerConfig, seed: int = 0) -> FlashLM | TransformerPP:

@@ -34,13 +34,15 @@ def apply_rope(x, positions, *, base: float = 10000.0, interleaved: bool = True)
     angles = rope_angles(positions, dim, base)  # (..., T, D/2)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     xf = x.astype(jnp.float32)
-    if interleaved:
-        x_even, x_odd = xf[..., 0::2], xf[..., 1::2]
-        out = jnp.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], axis=-1)
-        out = out.reshape(xf.shape)
-    else:
-        out = rotate_half(xf, cos, sin)
+    out = rotate_interleaved(xf, cos, sin) if interleaved else rotate_half(xf, cos, sin)
     return out.astype(x.dtype)
+
+
+def rotate_interleaved(x, cos, sin):
+    """RoPE of interleaved pairs with precomputed tables: (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos +
+    x_2i sin)."""
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return jnp.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], axis=-1).reshape(x.shape)
 
 
 def rotate_half(x, cos, sin):

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gen_jax.errors import ConfigError, ShapeError
@@ -214,7 +215,7 @@ class RoFormerLayer(nnx.Module):
 
 
 def _rope_tables(positions_BxT, head_dim: int):
-    """cos and sin [B, T, 1, H/2] of the RoPE angles, computed once for all layers."""
+    """cos and sin [B or 1, T, 1, H/2] of the RoPE angles, computed once for all layers."""
     cos, sin = rope_tables(positions_BxT, head_dim)
     return cos[:, :, None], sin[:, :, None]
 
@@ -299,7 +300,9 @@ class RoFormer(nnx.Module):
 
         if cache is None:
             if positions_BxT is None:
-                positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+                # concrete (numpy), so the RoPE tables are constants of the compiled step; jnp.arange would be
+                # traced, and XLA:CPU then recomputes sin/cos inside every RoPE fusion, forward and backward
+                positions_BxT = np.arange(T)[None]
             # no [B, T, T] mask is materialized unless one is given: a padding mask alone is [B, 1, T], and
             # without either the scores are not masked at all
             mask = None

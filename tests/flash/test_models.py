@@ -47,6 +47,26 @@ def test_transformer_pp_is_causal():
     _assert_causal(build(matched_transformer_config(TINY, num_heads=2, init_std=0.3)))
 
 
+@pytest.mark.parametrize("kind", ["flash", "transformer_pp"])
+def test_default_positions_make_the_rope_tables_constants_of_the_compiled_step(kind):
+    """Without positions both LMs compute the RoPE tables once at trace time (no sin/cos in the compiled step;
+    traced positions make XLA:CPU recompute them inside every RoPE fusion), with the result of explicit positions
+    0..T-1 (a traced array, which the step then does compute sin/cos of)."""
+    model = build(TINY if kind == "flash" else matched_transformer_config(TINY, num_heads=2, init_std=0.3))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tok = _tokens(0)
+
+    def loss(p, positions=None):
+        return jnp.sum(nnx.merge(graphdef, p)(tok, positions=positions) ** 2)
+
+    default, explicit = jax.jit(jax.grad(loss)), jax.jit(jax.grad(loss))
+    pos = jnp.arange(T)[None]
+    assert "stablehlo.sine" not in default.lower(params).as_text()
+    assert "stablehlo.sine" in explicit.lower(params, pos).as_text()
+    for a, b in zip(jax.tree.leaves(default(params)), jax.tree.leaves(explicit(params, pos))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_mlm_is_bidirectional_and_ignores_padding():
     model = build(dataclasses.replace(TINY, task="mlm"))
     f, params = _logits_fn(model)
