@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -51,13 +52,15 @@ def encoder_loss(cfg: RoFormerConfig, batch: int, seq: int):
     return loss, params
 
 
-def bench_encoder_jax(cfg: RoFormerConfig, batch: int, seq: int, warmup: int, iters: int) -> float:
+def encoder_step_jax(cfg: RoFormerConfig, batch: int, seq: int):
+    """A no-argument callable: one jitted fwd+bwd of ours, waited for."""
     loss, params = encoder_loss(cfg, batch, seq)
     step = jax.jit(jax.grad(loss))
-    return _time(lambda: jax.block_until_ready(step(params)), warmup, iters)
+    return lambda: jax.block_until_ready(step(params))
 
 
-def bench_encoder_torch(cfg: RoFormerConfig, batch: int, seq: int, warmup: int, iters: int) -> float | None:
+def encoder_step_torch(cfg: RoFormerConfig, batch: int, seq: int):
+    """A no-argument callable: one fwd+bwd of transformers' RoFormerModel at the same config (None without torch)."""
     try:
         import torch
         import transformers
@@ -80,7 +83,20 @@ def bench_encoder_torch(cfg: RoFormerConfig, batch: int, seq: int, warmup: int, 
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    return _time(step, warmup, iters)
+    return step
+
+
+def timed_interleaved(steps: dict, warmup: int, iters: int) -> dict:
+    """{name: per-step wall seconds} of `iters` rounds that call each step once, after `warmup` such rounds: the
+    machine's drifts (this shared box's speed moves by 10% over minutes) hit both sides alike."""
+    times: dict = {k: [] for k in steps}
+    for r in range(warmup + iters):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def bench_generation(cfg: RoFormerConfig, n: int, max_new: int, prompt_len: int, warmup: int, iters: int
@@ -130,7 +146,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=24)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="timed interleaved rounds of the encoder comparison")
     ap.add_argument("--gen-iters", type=int, default=1,
                     help="timed repeats of the generation comparison (the full re-run side takes minutes each)")
     ap.add_argument("--parts", default="encoder,generation", help="comma list of: encoder, generation")
@@ -148,17 +164,21 @@ def main(argv=None):
     env = speed_env()
     print(speed_env_line(env))
     results = {"environment": env, "encoder": [], "generation": None}
+    print(f"encoder: medians of {a.iters} interleaved rounds (one step of each side per round) after 2 warm-up rounds")
     print("| seq | batch | ours fwd+bwd (ms) | torch fwd+bwd (ms) | ours/torch throughput |")
     print("|---|---|---|---|---|")
     parts = {p.strip() for p in a.parts.split(",") if p.strip()}
     if not parts or parts - {"encoder", "generation"}:
         ap.error(f"--parts must name encoder and/or generation, got {a.parts!r}")
     for seq in (seqs if "encoder" in parts else []):
-        ours = bench_encoder_jax(cfg, a.batch, seq, 2, a.iters)
-        ref = bench_encoder_torch(cfg, a.batch, seq, 2, a.iters)
+        steps = {"ours": encoder_step_jax(cfg, a.batch, seq), "torch": encoder_step_torch(cfg, a.batch, seq)}
+        times = timed_interleaved({k: f for k, f in steps.items() if f is not None}, 2, a.iters)
+        ours = statistics.median(times["ours"])
+        ref = statistics.median(times["torch"]) if "torch" in times else None
         ratio = ref / ours if ref else float("nan")
         print(f"| {seq} | {a.batch} | {1e3 * ours:.1f} | {'-' if ref is None else f'{1e3 * ref:.1f}'} | {ratio:.2f}x |")
-        results["encoder"].append({"seq": seq, "batch": a.batch, "ours_s": ours, "torch_s": ref, "ratio": ratio})
+        results["encoder"].append({"seq": seq, "batch": a.batch, "ours_s": ours, "torch_s": ref, "ratio": ratio,
+                                   "ours_times_s": times["ours"], "torch_times_s": times.get("torch")})
     if "generation" not in parts:
         _dump(results, a.json)
         return results

@@ -2,7 +2,8 @@
 checked against diffusers itself), and the smallest end-to-end run produces a report and JSON.
 benchmarks/flash_vs_pytorch.py: FLASH-pytorch's parameter count differs from ours by its extras only, and a
 quick run produces a report and JSON (skipped where the peer is not installed).
-benchmarks/xla_cpu_options.py: both compilations of each model are timed in one run."""
+benchmarks/xla_cpu_options.py: both compilations of each model are timed in one run.
+benchmarks/roformer_speed.py: the encoder comparison times both sides interleaved and reports medians."""
 import functools
 import json
 import os
@@ -156,3 +157,22 @@ def test_xla_cpu_options_compares_both_compilations_of_each_model(tmp_path, caps
         assert {k: len(v) for k, v in r["times_s"].items()} == {"default": 1, "ynn_off": 1}
         assert r["speedup_median"] == pytest.approx(r["median_s"]["default"] / r["median_s"]["ynn_off"])
     assert "| flash |" in capsys.readouterr().out and json.loads(out.read_text())["rounds"] == 1
+
+
+def test_roformer_encoder_comparison_times_both_sides_interleaved(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from benchmarks import roformer_speed
+    out = tmp_path / "roformer.json"
+    threads = torch.get_num_threads()
+    try:
+        res = roformer_speed.main(["--tiny", "--parts", "encoder", "--json", str(out)])  # --tiny: 2 rounds
+    finally:
+        torch.set_num_threads(threads)
+    assert "| seq | batch | ours fwd+bwd (ms) |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["encoder"]
+    assert [r["seq"] for r in rows] == [16, 32] and rows == res["encoder"]
+    for r in rows:  # medians of the rounds, one step of each side per round
+        assert len(r["ours_times_s"]) == len(r["torch_times_s"]) == 2
+        assert r["ours_s"] == pytest.approx(sum(r["ours_times_s"]) / 2)
+        assert r["torch_s"] == pytest.approx(sum(r["torch_times_s"]) / 2)
+        assert r["ratio"] == pytest.approx(r["torch_s"] / r["ours_s"])
