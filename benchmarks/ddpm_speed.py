@@ -43,7 +43,6 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `gen_jax` 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -123,6 +122,22 @@ def median_step_seconds(step: Callable[[], Any], warmup: int, repeats: int) -> t
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
+
+
+def timed_interleaved(steps: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> dict:
+    """{name: median wall and process-CPU seconds per step, and the wall times} over `rounds` rounds that call
+    each step once, after `warmup` such rounds: this shared machine's drifts (~10% over minutes) hit all alike."""
+    wall: dict = {k: [] for k in steps}
+    cpu: dict = {k: [] for k in steps}
+    for r in range(warmup + rounds):
+        for k, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            if r >= warmup:
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    return {k: {"step_s": statistics.median(wall[k]), "step_times_s": wall[k], "cpu_s": statistics.median(cpu[k])}
+            for k in steps}
 
 def _flops_of(compiled) -> float | None:
     cost = compiled.cost_analysis()

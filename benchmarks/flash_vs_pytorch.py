@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -44,7 +43,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.ddpm_speed import machine_info, median_step_seconds, speed_env_line  # noqa: E402
+from benchmarks.ddpm_speed import machine_info, speed_env_line, timed_interleaved  # noqa: E402
 from benchmarks.flash_scaling import flash_config  # noqa: E402
 from gen_jax.flash import FlashConfig, build, count_params, make_loss_fn  # noqa: E402
 from gen_jax.train.state import TrainState  # noqa: E402
@@ -53,22 +52,6 @@ from gen_jax.train.xla_options import cpu_compiler_options  # noqa: E402
 
 LR = 1e-4
 QUICK = dict(lengths=[32, 64], tokens=128, d_model=32, layers=2, key_size=16, chunk_size=16, warmup=1, steps=2)
-
-
-def timed_interleaved(steps: dict, args) -> dict:
-    """{name: median wall and process-CPU seconds per step} over `args.steps` rounds that call each step
-    once, after `args.warmup` such rounds."""
-    wall: dict = {k: [] for k in steps}
-    cpu: dict = {k: [] for k in steps}
-    for r in range(args.warmup + args.steps):
-        for k, step in steps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            if r >= args.warmup:
-                wall[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
-    return {k: {"step_s": statistics.median(wall[k]), "step_times_s": wall[k], "cpu_s": statistics.median(cpu[k])}
-            for k in steps}
 
 
 def ours_config(args) -> FlashConfig:
@@ -298,7 +281,7 @@ def main(argv=None) -> dict:
                 res["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 compile_ok = False
         say(f"[T={T}] timing {', '.join(prepared)} interleaved ...")
-        timing = timed_interleaved({k: step for k, (step, _) in prepared.items()}, args)
+        timing = timed_interleaved({k: step for k, (step, _) in prepared.items()}, args.warmup, args.steps)
         row = {"length": T, "batch": B, **{k: finish(timing[k]) for k, (_, finish) in prepared.items()}}
         peers = {k: row[k] for k in ("peer_eager", "peer_compiled") if k in row}
         best = max(peers, key=lambda k: peers[k]["tokens_per_s"])

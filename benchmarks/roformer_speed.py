@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.ddpm_speed import speed_env, speed_env_line  # noqa: E402
+from benchmarks.ddpm_speed import speed_env, speed_env_line, timed_interleaved  # noqa: E402
 from gen_jax.roformer import RoFormerConfig, RoFormer, unilm_mask  # noqa: E402
 from gen_jax.roformer_sim.generate import nucleus_sample, sample_candidates  # noqa: E402
 
@@ -84,19 +83,6 @@ def encoder_step_torch(cfg: RoFormerConfig, batch: int, seq: int):
             torch.cuda.synchronize()
 
     return step
-
-
-def timed_interleaved(steps: dict, warmup: int, iters: int) -> dict:
-    """{name: per-step wall seconds} of `iters` rounds that call each step once, after `warmup` such rounds: the
-    machine's drifts (this shared box's speed moves by 10% over minutes) hit both sides alike."""
-    times: dict = {k: [] for k in steps}
-    for r in range(warmup + iters):
-        for k, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if r >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def bench_generation(cfg: RoFormerConfig, n: int, max_new: int, prompt_len: int, warmup: int, iters: int
@@ -172,13 +158,14 @@ def main(argv=None):
         ap.error(f"--parts must name encoder and/or generation, got {a.parts!r}")
     for seq in (seqs if "encoder" in parts else []):
         steps = {"ours": encoder_step_jax(cfg, a.batch, seq), "torch": encoder_step_torch(cfg, a.batch, seq)}
-        times = timed_interleaved({k: f for k, f in steps.items() if f is not None}, 2, a.iters)
-        ours = statistics.median(times["ours"])
-        ref = statistics.median(times["torch"]) if "torch" in times else None
+        timing = timed_interleaved({k: f for k, f in steps.items() if f is not None}, 2, a.iters)
+        ours = timing["ours"]["step_s"]
+        ref = timing["torch"]["step_s"] if "torch" in timing else None
         ratio = ref / ours if ref else float("nan")
         print(f"| {seq} | {a.batch} | {1e3 * ours:.1f} | {'-' if ref is None else f'{1e3 * ref:.1f}'} | {ratio:.2f}x |")
         results["encoder"].append({"seq": seq, "batch": a.batch, "ours_s": ours, "torch_s": ref, "ratio": ratio,
-                                   "ours_times_s": times["ours"], "torch_times_s": times.get("torch")})
+                                   "ours_times_s": timing["ours"]["step_times_s"],
+                                   "torch_times_s": timing["torch"]["step_times_s"] if ref else None})
     if "generation" not in parts:
         _dump(results, a.json)
         return results
