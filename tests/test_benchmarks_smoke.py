@@ -99,6 +99,9 @@ def test_smallest_run_writes_a_table_and_json(tmp_path, capsys):
 
 
 def test_reports_record_the_environment_that_changes_speed(monkeypatch):
+    # machine_info() asks JAX for its devices: start the backend under the session's XLA_FLAGS first, or, first in
+    # a worker, it would start under the patched flags below (1 device, YNNPACK fusions off) for every later test
+    jax.devices()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
