@@ -10,7 +10,8 @@ contracts both operands over their major (token) axis, which XLA:CPU runs at 68-
 shapes where the same FLOPs as a plain [M, K] x [K, N] product run at 83-91 (torch/MKL: 92). So the smaller of
 X and G is transposed first (a copy of [B T, min(K, N)]) and the product taken in that form: (X^T) G when X is
 the narrower, (G^T X)^T otherwise, where that pays (`transposed_kernel_grad_pays`). Other platforms keep XLA's
-own gradient (`lax.platform_dependent`).
+own gradient (`lax.platform_dependent`). With XLA:CPU's YNNPACK fusions off (`TrainConfig.cpu_ynn_fusions=False`,
+the FLASH presets) its layout assignment chooses the operands' layouts itself and the product is XLA's again.
 """
 from __future__ import annotations
 
