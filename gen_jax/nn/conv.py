@@ -9,6 +9,12 @@ layers: `shifted_kernel_grad_pays`; narrower ones are plain `lax.conv_general_di
 the input gradient stay XLA's convolutions. On other platforms (GPU, TPU) the kernel gradient is XLA's own
 (`lax.platform_dependent`), so the function is safe to use everywhere.
 
+Where `gen_jax.nn.cpu_blas` is enabled (float32 on a single CPU device with MKL installed) and the convolution
+is stride 1 with "SAME" padding and an odd square kernel, the kernel gradient is instead one custom call: the
+k_h k_w products over the whole zero-padded batch in MKL's sgemm, 2-4x XLA:CPU's backward-filter convolution
+(28x28 64->64, batch 32, on an AVX-512 Xeon: 35 -> 138 GFLOP/s). This also pays for layers narrower than
+`shifted_kernel_grad_pays` asks for.
+
 Use it through flax: `nnx.Conv(..., conv_general_dilated=gen_jax.nn.conv_general_dilated)`. Cases other
 than 2-D NHWC/HWIO convolutions without dilation or groups fall back to `lax.conv_general_dilated` entirely.
 """
@@ -20,6 +26,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from gen_jax.nn import cpu_blas
 
 __all__ = ["conv_general_dilated"]
 
@@ -75,8 +83,16 @@ def shifted_kernel_grad_pays(w_shape, out_spatial) -> bool:
     return kh * kw > 1 and min(c, o) >= 64 and out_spatial[0] * out_spatial[1] >= 256
 
 
+def _blas_kernel_grad_applies(x, w, strides, pads) -> bool:
+    kh, kw = w.shape[:2]
+    return (kh == kw and kh % 2 == 1 and kh > 1 and tuple(strides) == (1, 1)
+            and tuple(pads) == ((kh // 2, kh // 2), (kh // 2, kh // 2)) and cpu_blas.enabled(x, w))
+
+
 def _cpu_grads(x, w, g, strides, pads, precision, preferred):
     (dx,) = jax.vjp(lambda x_: _plain_conv(x_, w, strides, pads, precision, preferred), x)[1](g)
+    if _blas_kernel_grad_applies(x, w, strides, pads):
+        return dx, cpu_blas.conv_kernel_grad(x, g.astype(x.dtype), w.shape[0])
     return dx, _kernel_grad_shifted(x, g.astype(x.dtype), w.shape, strides, pads)
 
 
@@ -117,7 +133,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     out_spatial = tuple((n + lo + hi - k) // s + 1
                         for n, (lo, hi), k, s in zip(lhs.shape[1:3], pads, rhs.shape[:2], strides))
-    if any(p < 0 for pair in pads for p in pair) or not shifted_kernel_grad_pays(rhs.shape, out_spatial):
+    if any(p < 0 for pair in pads for p in pair) or not (shifted_kernel_grad_pays(rhs.shape, out_spatial)
+                                                          or _blas_kernel_grad_applies(lhs, rhs, strides, pads)):
         # cropping, or a layer too narrow for the shifted products to pay: XLA's own gradient
         return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
                                         precision=precision, preferred_element_type=preferred_element_type)

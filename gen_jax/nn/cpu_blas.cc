@@ -1,0 +1,183 @@
+// XLA:CPU custom calls (XLA FFI) that hand float32 matrix products to a CBLAS sgemm (MKL's, by default).
+// Built on first use by gen_jax/nn/cpu_blas.py; the sgemm is passed in as a function pointer, so this file
+// links against nothing but the XLA FFI headers that jaxlib ships.
+//
+// Work is split over XLA's intra-op thread pool: the calling thread claims chunks from a shared counter
+// like the pool's threads do, so it never waits on a chunk nobody has started (no deadlock when every pool
+// thread is itself inside a custom call), and a single-threaded pool runs everything in the caller.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using Sgemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                       int lda, const float* b, int ldb, float beta, float* c, int ldc);
+Sgemm g_sgemm = nullptr;
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+struct Work {
+  explicit Work(int64_t n, std::function<void(int64_t)> f) : total(n), fn(std::move(f)) {}
+  const int64_t total;
+  const std::function<void(int64_t)> fn;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void Drain() {
+    for (int64_t i; (i = next.fetch_add(1)) < total;) {
+      fn(i);
+      if (done.fetch_add(1) + 1 == total) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+// Runs fn(0 .. n-1) on the caller and up to (pool threads) helpers; returns when all have finished.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
+  if (n <= 0) return;
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  auto work = std::make_shared<Work>(n, std::move(fn));
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->done.load() == work->total; });
+}
+
+int64_t Prod(ffi::Span<const int64_t> dims, size_t upto) {
+  int64_t p = 1;
+  for (size_t i = 0; i < upto; ++i) p *= dims[i];
+  return p;
+}
+
+// Offset (in matrices) of operand batch entry for output batch entry g: batch axes of size 1 broadcast.
+int64_t BroadcastIndex(int64_t g, ffi::Span<const int64_t> out, ffi::Span<const int64_t> in, size_t nbatch) {
+  int64_t index = 0, stride = 1;
+  for (size_t d = nbatch; d-- > 0;) {
+    const int64_t i = g % out[d];
+    g /= out[d];
+    if (in[d] != 1) index += i * stride;
+    stride *= in[d];
+  }
+  return index;
+}
+
+// c[g] = op(a[g]) @ op(b[g]) for row-major a [..., ra, ca], b [..., rb, cb], c [..., m, n] with the batch axes
+// of a and b broadcast (size 1) or equal to c's. Each product is split into column blocks of c, so that one
+// large product also runs in parallel.
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+  if (g_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "gen_jax cpu_blas: no sgemm set");
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() < 2 || bd.size() != ad.size() || cd.size() != ad.size())
+    return ffi::Error::InvalidArgument("gen_jax cpu_blas gemm: operands must have equal rank >= 2");
+  const size_t r = ad.size(), nb = r - 2;
+  const int64_t ra = ad[r - 2], ca = ad[r - 1], rb = bd[r - 2], cb = bd[r - 1];
+  const int64_t m = trans_a ? ca : ra, k = trans_a ? ra : ca, n = trans_b ? rb : cb;
+  const int64_t kb = trans_b ? cb : rb;
+  bool ok = k == kb && cd[r - 2] == m && cd[r - 1] == n;
+  for (size_t d = 0; d < nb; ++d)
+    ok = ok && (ad[d] == cd[d] || ad[d] == 1) && (bd[d] == cd[d] || bd[d] == 1);
+  if (!ok) return ffi::Error::InvalidArgument("gen_jax cpu_blas gemm: operand shapes do not match");
+  const int64_t gc = Prod(cd, nb);
+  if (m == 0 || n == 0 || gc == 0) return ffi::Error::Success();
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  float* cp = c->typed_data();
+  if (k == 0) {
+    std::fill(cp, cp + gc * m * n, 0.f);
+    return ffi::Error::Success();
+  }
+  // column blocks (multiples of the 16-float vector), enough of them to feed every thread
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
+  int64_t blocks = 1;
+  if (gc < threads && 2 * m * n * k >= (int64_t{1} << 22))
+    blocks = std::min<int64_t>((threads + gc - 1) / gc, (n + 63) / 64);
+  const int64_t width = ((n + blocks - 1) / blocks + 15) / 16 * 16;
+  blocks = (n + width - 1) / width;
+  ParallelFor(pool, gc * blocks, [=](int64_t i) {
+    const int64_t g = i / blocks, n0 = (i % blocks) * width, nn = std::min(width, n - n0);
+    const float* ag = ap + BroadcastIndex(g, cd, ad, nb) * ra * ca;
+    const float* bg = bp + BroadcastIndex(g, cd, bd, nb) * rb * cb + (trans_b ? n0 * cb : n0);
+    g_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, (int)m, (int)nn, (int)k, 1.f, ag,
+            (int)ca, bg, (int)cb, 0.f, cp + g * m * n + n0, (int)n);
+  });
+  return ffi::Error::Success();
+}
+
+// Kernel gradient of a stride-1 "SAME" k x k convolution (k odd), NHWC / HWIO:
+//   dw[i, j] = sum over (b, h, w) of x_pad[b, h + i, w + j, :]^T g[b, h, w, :].
+// With the zero-padded input laid out as rows of a [B Hp Wp, C] matrix (Hp = H + 2p, Wp = W + 2p) and g
+// written into the same row grid (zeros outside the H x W corner), tap (i, j) is ONE product:
+// x_pad rows shifted by i Wp + j, transposed, times that g: [C, B Hp Wp] x [B Hp Wp, O]. The shifted rows
+// that fall on padding meet zero rows of g, so the sum is exact.
+ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                          ffi::ResultBuffer<ffi::F32> dw) {
+  if (g_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "gen_jax cpu_blas: no sgemm set");
+  auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: NHWC input/gradient and HWIO kernel expected");
+  const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], O = gd[3], k = wd[0];
+  if (wd[1] != k || k % 2 != 1 || wd[2] != C || wd[3] != O || gd[0] != B || gd[1] != H || gd[2] != W)
+    return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: shapes do not match a stride-1 SAME odd-k conv");
+  const int64_t p = k / 2, Hp = H + 2 * p, Wp = W + 2 * p, rows = B * Hp * Wp;
+  float* out = dw->typed_data();
+  if (B * H * W == 0) {
+    std::fill(out, out + k * k * C * O, 0.f);
+    return ffi::Error::Success();
+  }
+  // x_pad gets 2p extra zero rows so that the last tap's shifted view stays inside the buffer
+  std::vector<float> xpad((rows + 2 * p * Wp + 2 * p) * C, 0.f), gpad(rows * O, 0.f);
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  ParallelFor(pool, B * H, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H, row = (b * Hp + h + p) * Wp + p;
+    std::memcpy(xpad.data() + row * C, xp + bh * W * C, sizeof(float) * W * C);
+    std::memcpy(gpad.data() + ((b * Hp + h) * Wp) * O, gp + bh * W * O, sizeof(float) * W * O);
+  });
+  // g sits at the top-left of each Hp x Wp cell, x_pad shifted by (i, j) from the same row: output (h, w) of
+  // image b reads x_pad[b, h + i, w + j]
+  ParallelFor(pool, k * k, [&](int64_t t) {
+    const int64_t i = t / k, j = t % k;
+    g_sgemm(kRowMajor, kTrans, kNoTrans, (int)C, (int)O, (int)rows, 1.f, xpad.data() + (i * Wp + j) * C, (int)C,
+            gpad.data(), (int)O, 0.f, out + t * C * O, (int)O);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" void gen_jax_cpu_blas_set_sgemm(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxGemmF32, Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxConvKernelGradF32, ConvKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

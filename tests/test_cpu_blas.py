@@ -1,0 +1,212 @@
+"""gen_jax.nn.cpu_blas: float32 products and convolution kernel gradients as custom calls into MKL's sgemm.
+Every result is checked against float64 NumPy or XLA's own product/convolution, gradients included (to third
+order, vmapped, broadcast). The test session has 8 fake devices, where the custom calls are off by default
+(no sharding rule), so these tests turn them on with GEN_JAX_CPU_BLAS=force; a subprocess checks the default
+on a single device."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from gen_jax.nn import conv_general_dilated, cpu_blas, flat_dot_general
+
+if not cpu_blas._init()["ok"]:
+    pytest.skip(f"no BLAS custom calls here: {cpu_blas._init()['why']}", allow_module_level=True)
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(autouse=True)
+def forced(monkeypatch):
+    monkeypatch.setenv(cpu_blas.ENV_SWITCH, "force")
+    assert cpu_blas.status().startswith("on")
+
+
+def _custom_call_targets(f, *args):
+    text = jax.jit(f).lower(*args).as_text()
+    return {t for t in (cpu_blas._GEMM, cpu_blas._CONV_KGRAD) if t in text}
+
+
+def _rand(key, shape):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 3), (300, 129, 517), (64, 0, 8)])
+def test_matmul_equals_float64_numpy_for_every_transpose(m, k, n, trans_a, trans_b):
+    a = _rand(0, (k, m) if trans_a else (m, k))
+    b = _rand(1, (n, k) if trans_b else (k, n))
+    got = jax.jit(lambda a, b: cpu_blas.matmul(a, b, trans_a=trans_a, trans_b=trans_b))(a, b)
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * max(1.0, np.sqrt(k)))
+    assert _custom_call_targets(lambda a, b: cpu_blas.matmul(a, b, trans_a=trans_a, trans_b=trans_b), a, b) == {
+        cpu_blas._GEMM}
+
+
+def test_batch_axes_broadcast_like_jnp_matmul_and_gradients_sum_over_them():
+    a = _rand(2, (2, 1, 5, 7))
+    b = _rand(3, (3, 7, 4))  # rank 3: a missing leading axis, broadcast against a's 2 and a's 1 against 3
+
+    def loss(mm, a, b):
+        return jnp.sum(jnp.cos(mm(a, b)))
+
+    np.testing.assert_allclose(cpu_blas.matmul(a, b), jnp.matmul(a, b), rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda a, b: loss(cpu_blas.matmul, a, b), (0, 1))(a, b)
+    want = jax.grad(lambda a, b: loss(jnp.matmul, a, b), (0, 1))(a, b)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_to_third_order_equal_xla():
+    a, b = _rand(4, (6, 5)), _rand(5, (4, 5)) * 0.3
+
+    def f(mm):
+        def loss(a, b):
+            return jnp.sum(jnp.sin(mm(a, b)))
+
+        def g2(a):  # d/da |d loss / db|^2
+            return jnp.sum(jax.grad(loss, 1)(a, b) ** 2)
+
+        def g3(a):
+            return jnp.sum(jax.grad(g2)(a) ** 2)
+        return jax.grad(loss, (0, 1))(a, b), jax.grad(g2)(a), jax.grad(g3)(a)
+
+    got = f(lambda a, b: cpu_blas.matmul(a, b, trans_b=True))
+    want = f(lambda a, b: a @ b.T)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()))
+
+
+def test_vmap_over_either_operand_and_over_the_gradient():
+    a, b = _rand(6, (3, 5, 7)), _rand(7, (2, 7, 4))
+    np.testing.assert_allclose(jax.vmap(lambda x: cpu_blas.matmul(x, b[0]))(a), a @ b[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(lambda y: cpu_blas.matmul(a, y))(b),
+                               jnp.stack([a @ b[0], a @ b[1]]), rtol=1e-5, atol=1e-5)
+    per_example = jax.vmap(jax.grad(lambda w, x: jnp.sum(jnp.tanh(cpu_blas.matmul(x, w)))), (None, 0))(b[0], a)
+    want = jax.vmap(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))), (None, 0))(b[0], a)
+    np.testing.assert_allclose(per_example, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_operands_are_refused_with_the_shapes_named():
+    with pytest.raises(ValueError, match=r"contracted sizes differ \(5 vs 6\)"):
+        cpu_blas.matmul(jnp.ones((3, 5)), jnp.ones((6, 2)))
+    with pytest.raises(ValueError, match="rank >= 2"):
+        cpu_blas.matmul(jnp.ones((3,)), jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match="odd kernel size"):
+        cpu_blas.conv_kernel_grad(jnp.ones((1, 4, 4, 2)), jnp.ones((1, 4, 4, 3)), 2)
+
+
+def test_other_dtypes_and_the_off_switch_keep_xla_products(monkeypatch):
+    a16, b16 = jnp.ones((4, 3), jnp.bfloat16), jnp.ones((3, 2), jnp.bfloat16)
+    assert not cpu_blas.enabled(a16, b16) and not _custom_call_targets(cpu_blas.matmul, a16, b16)
+    np.testing.assert_array_equal(cpu_blas.matmul(a16, b16), jnp.full((4, 2), 3, jnp.bfloat16))
+    a, b = _rand(8, (4, 3)), _rand(9, (3, 2))
+    monkeypatch.setenv(cpu_blas.ENV_SWITCH, "0")
+    assert cpu_blas.status().startswith("off") and not _custom_call_targets(cpu_blas.matmul, a, b)
+    np.testing.assert_allclose(cpu_blas.matmul(a, b), a @ b, rtol=1e-6)
+    monkeypatch.setenv(cpu_blas.ENV_SWITCH, "sometimes")
+    with pytest.raises(ValueError, match="use 0 .off., auto"):
+        cpu_blas.enabled(a, b)
+
+
+@pytest.mark.parametrize("shape,k", [((2, 5, 7, 3), 3), ((3, 9, 6, 16), 5), ((1, 1, 1, 2), 3), ((4, 8, 8, 64), 3)])
+def test_conv_kernel_grad_equals_xla_backward_filter(shape, k):
+    x = _rand(10, shape)
+    out = 5 if shape[3] < 64 else 64
+    g = _rand(11, shape[:3] + (out,))
+
+    def conv(w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)
+    want = jax.vjp(conv, jnp.zeros((k, k, shape[3], out)))[1](g)[0]
+    got = jax.jit(cpu_blas.conv_kernel_grad, static_argnums=2)(x, g, k)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    assert _custom_call_targets(lambda x, g: cpu_blas.conv_kernel_grad(x, g, k), x, g) == {cpu_blas._CONV_KGRAD}
+
+
+def test_dense_layers_and_convolutions_route_through_it_with_xla_gradients():
+    """flat_dot_general and conv_general_dilated (the layers of every model) use the custom calls on the
+    forced path, with the values and gradients of lax's product and convolution."""
+    x, w = _rand(12, (2, 9, 16)), _rand(13, (16, 8))
+    dims = (((2,), (0,)), ((), ()))
+    assert _custom_call_targets(lambda x, w: flat_dot_general(x, w, dims), x, w) == {cpu_blas._GEMM}
+    got = jax.grad(lambda x, w: jnp.sum(jnp.tanh(flat_dot_general(x, w, dims))), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(jnp.tanh(lax.dot_general(x, w, dims))), (0, 1))(x, w)
+    for g, v in zip(got, want):
+        np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-5)
+
+    xi, wi = _rand(14, (2, 10, 10, 8)), _rand(15, (3, 3, 8, 16)) * 0.2  # narrower than the shifted path needs
+
+    def conv_loss(conv, x, w):
+        return jnp.sum(jnp.sin(conv(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)))
+    hlo = jax.jit(jax.grad(lambda x, w: conv_loss(conv_general_dilated, x, w), (0, 1))).lower(xi, wi).as_text()
+    assert cpu_blas._CONV_KGRAD in hlo
+    got = jax.grad(lambda x, w: conv_loss(conv_general_dilated, x, w), (0, 1))(xi, wi)
+    want = jax.grad(lambda x, w: conv_loss(lax.conv_general_dilated, x, w), (0, 1))(xi, wi)
+    for g, v in zip(got, want):
+        np.testing.assert_allclose(g, v, rtol=1e-4, atol=1e-5 * float(jnp.abs(v).max()))
+
+
+def test_by_default_on_one_cpu_device_and_off_with_several():
+    """The default (auto) uses the custom calls in a single-device process and not under 8 devices, where a
+    sharded program would gather every operand."""
+    code = ("import jax, jax.numpy as jnp; from gen_jax.nn import cpu_blas, flat_dot; "
+            "x = jnp.ones((4, 3)); print(cpu_blas.status()); "
+            "print(cpu_blas._GEMM in jax.jit(flat_dot).lower(x, jnp.ones((3, 2))).as_text())")
+    outputs = []
+    for flags in ("", "--xla_force_host_platform_device_count=8"):
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        env.pop(cpu_blas.ENV_SWITCH, None)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(proc.stdout.split("\n"))
+    (status_one, used_one, _), (status_eight, used_eight, _) = outputs
+    assert status_one.startswith("on: sgemm from") and used_one == "True"
+    assert status_eight.startswith("off: 8 devices") and used_eight == "False"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_chunk_attention_on_blas_products_equals_the_dense_reference_with_gradients(causal):
+    from gen_jax.flash import dense_reference, mixed_chunk_attention
+    ks = jax.random.split(jax.random.key(16), 5)
+    args = [jax.random.normal(k, (2, 11, 6)) for k in ks[:4]] + [jax.random.normal(ks[4], (2, 11, 5))]
+    mask = jnp.arange(11)[None, :] < jnp.array([[11], [7]])
+    kw = dict(chunk_size=4, causal=causal, mask=mask, normalizer="relu2_n")
+    hlo = jax.jit(lambda *a: mixed_chunk_attention(*a, **kw)).lower(*args).as_text()
+    assert cpu_blas._GEMM in hlo
+
+    def loss(f, *a):
+        return jnp.sum(jnp.sin(f(*a, **kw)))
+    np.testing.assert_allclose(mixed_chunk_attention(*args, **kw), dense_reference(*args, **kw), atol=2e-5, rtol=1e-5)
+    got = jax.grad(lambda *a: loss(mixed_chunk_attention, *a), tuple(range(5)))(*args)
+    want = jax.grad(lambda *a: loss(dense_reference, *a), tuple(range(5)))(*args)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=5e-5, rtol=1e-4)
+
+
+def test_roformer_on_blas_products_has_the_hidden_states_and_gradients_of_xla(monkeypatch):
+    from flax import nnx
+
+    from gen_jax.roformer import build
+    graphdef, params = nnx.split(build("tiny", seed=0), nnx.Param)
+    ids = jax.random.randint(jax.random.key(17), (2, 9), 5, 128)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p)(ids, jnp.zeros_like(ids)).hidden_BxTxD ** 2)
+
+    def run():
+        return jax.jit(jax.value_and_grad(loss))(params), jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
+    (blas_loss, blas_grads), blas_hlo = run()
+    monkeypatch.setenv(cpu_blas.ENV_SWITCH, "0")
+    (xla_loss, xla_grads), xla_hlo = run()
+    assert cpu_blas._GEMM in blas_hlo and cpu_blas._GEMM not in xla_hlo
+    np.testing.assert_allclose(blas_loss, xla_loss, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(blas_grads), jax.tree.leaves(xla_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
