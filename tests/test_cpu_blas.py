@@ -210,3 +210,17 @@ def test_roformer_on_blas_products_has_the_hidden_states_and_gradients_of_xla(mo
     np.testing.assert_allclose(blas_loss, xla_loss, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(blas_grads), jax.tree.leaves(xla_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_second_order_through_the_convolution_kernel_gradient_equals_lax():
+    """A gradient penalty on the kernel gradient (grad of grad) differentiates the custom call's kernel
+    gradient: its VJP is XLA's, so the result is lax's."""
+    x, w = _rand(18, (2, 6, 6, 4)), _rand(19, (3, 3, 4, 5)) * 0.3
+
+    def penalty(conv, x):
+        grad_w = jax.grad(lambda w: jnp.sum(jnp.tanh(conv(x, w, (1, 1), "SAME", dimension_numbers=_NHWC))))(w)
+        return jnp.sum(grad_w ** 2)
+    assert cpu_blas._CONV_KGRAD in jax.jit(jax.grad(lambda x: penalty(conv_general_dilated, x))).lower(x).as_text()
+    got = jax.grad(lambda x: penalty(conv_general_dilated, x))(x)
+    want = jax.grad(lambda x: penalty(lax.conv_general_dilated, x))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))

@@ -5,7 +5,7 @@ emits for the same dense-layer products, and 2-4x faster for the kernel gradient
 (benchmarks/RESULTS.md, "MKL products"). PyTorch's CPU build calls MKL; with this module so do our dense
 layers (`gen_jax.nn.dense`) and convolution kernel gradients (`gen_jax.nn.conv`) on CPU.
 
-How: `cpu_blas.cc` is compiled with the system C++ compiler on first use (about 3 s; cached under
+How: `cpu_blas.cc` is compiled with the system C++ compiler on first use (about 2 s; cached under
 `$GEN_JAX_CACHE/cpu_blas/`) and registered as XLA FFI targets for the CPU platform. It receives the address of
 `cblas_sgemm` from the BLAS library loaded here: MKL's `libmkl_rt` from the `mkl` wheel (the `mkl` extra,
 included in `test`), set to its sequential layer, or any CBLAS library named by `$GEN_JAX_CPU_BLAS_LIB`. The
@@ -13,11 +13,12 @@ custom calls split their work over XLA's intra-op thread pool, so the products u
 
 When it is used (`enabled()`): float32 operands, the CPU backend with a single device in a single process (the
 custom calls carry no sharding rule, so sharded programs keep XLA's products), a BLAS library and a compiler
-found, and `$GEN_JAX_CPU_BLAS` not set to 0 (`force` also uses them with several devices). Otherwise callers fall back to XLA's products: results agree to
-float32 rounding either way. `status()` says which case applies and why.
+found, and `$GEN_JAX_CPU_BLAS` not set to 0 (`force` also uses them with several devices). Otherwise callers
+fall back to XLA's products: results agree to float32 rounding either way. `status()` says which case applies.
 
-The products here are differentiable (reverse mode, to any order) through `jax.custom_vjp`; forward mode
-(`jax.jvp`) is not supported, as for every custom-VJP function.
+Both are differentiable in reverse mode to any order (`jax.custom_vjp`: the products' VJPs are products again;
+the convolution kernel gradient's VJP is XLA's). Forward mode (`jax.jvp`) is not supported, as for every
+custom-VJP function: set `$GEN_JAX_CPU_BLAS=0` for programs that need it.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax import lax
 
 __all__ = ["enabled", "status", "matmul", "conv_kernel_grad", "ENV_SWITCH", "ENV_LIBRARY"]
 
@@ -133,31 +134,36 @@ def _mode() -> str:
     return "force" if mode == "force" else "auto"
 
 
-def status() -> str:
-    """Whether the custom calls are used in this process, and why not if not."""
-    if _mode() == "off":
-        return f"off: turned off by ${ENV_SWITCH}"
+def _why_off(arrays=()) -> str | None:
+    """None when the custom calls run for these operands, else the reason they do not."""
+    mode = _mode()
+    if mode == "off":
+        return f"turned off by ${ENV_SWITCH}"
+    dtypes = {str(jnp.result_type(a)) for a in arrays} - {"float32"}
+    if dtypes:
+        return f"operands of dtype {', '.join(sorted(dtypes))} (only float32 is handled)"
     s = _init()
     if not s["ok"]:
-        return f"off: {s['why']}"
+        return s["why"]
     if jax.default_backend() != "cpu":
-        return f"off: the default backend is {jax.default_backend()}"
-    if _mode() != "force" and (jax.device_count() > 1 or jax.process_count() > 1):
-        return (f"off: {jax.device_count()} devices (the custom calls have no sharding rule; "
-                f"${ENV_SWITCH}=force uses them anyway, replicated)")
-    return f"on: {s['why']}"
+        return f"the default backend is {jax.default_backend()}"
+    if mode != "force" and (jax.device_count() > 1 or jax.process_count() > 1):
+        return (f"{jax.device_count()} devices in {jax.process_count()} process(es): the custom calls have no "
+                f"sharding rule (${ENV_SWITCH}=force uses them anyway, replicated)")
+    return None
+
+
+def status() -> str:
+    """Whether the custom calls are used for float32 products in this process, and why not if not."""
+    why = _why_off()
+    return f"on: {_init()['why']}" if why is None else f"off: {why}"
 
 
 def enabled(*arrays) -> bool:
     """True when `matmul` / `conv_kernel_grad` run as custom calls for these operands: float32, the CPU
     backend, one device (or `$GEN_JAX_CPU_BLAS=force`: under sharding XLA then gathers the operands and every
     device computes the whole product, which is correct but not faster; tests use it)."""
-    mode = _mode()
-    if mode == "off" or any(jnp.result_type(a) != jnp.float32 for a in arrays):
-        return False
-    if not _init()["ok"] or jax.default_backend() != "cpu":
-        return False
-    return mode == "force" or (jax.device_count() == 1 and jax.process_count() == 1)
+    return _why_off(arrays) is None
 
 
 def _gemm_call(a, b, trans_a: bool, trans_b: bool):
@@ -217,6 +223,31 @@ def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool =
     return _gemm(a, b, trans_a, trans_b)
 
 
+def _xla_conv_kernel_grad(x, g, k):
+    def conv(w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.vjp(conv, jnp.zeros((k, k, x.shape[3], g.shape[3]), x.dtype))[1](g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_kernel_grad_call(x, g, k):
+    call = jax.ffi.ffi_call(_CONV_KGRAD, jax.ShapeDtypeStruct((k, k, x.shape[3], g.shape[3]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, g)
+
+
+def _conv_kernel_grad_fwd(x, g, k):
+    return _conv_kernel_grad_call(x, g, k), (x, g)
+
+
+def _conv_kernel_grad_bwd(k, res, ct):
+    # the kernel gradient is bilinear in (x, g); its VJP (second-order use, e.g. gradient penalties) is XLA's
+    return jax.vjp(lambda x, g: _xla_conv_kernel_grad(x, g, k), *res)[1](ct)
+
+
+_conv_kernel_grad_call.defvjp(_conv_kernel_grad_fwd, _conv_kernel_grad_bwd)
+
+
 def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_size: int) -> jax.Array:
     """dL/dw [k, k, C, O] of y = conv(x, w) with stride 1, "SAME" padding, odd k, NHWC x [B, H, W, C] and output
     gradient g [B, H, W, O]. A custom call where `enabled` (k x k products of [C, B Hp Wp] x [B Hp Wp, O]), else
@@ -225,12 +256,6 @@ def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_size: int) -> jax.Array:
     if x.ndim != 4 or g.ndim != 4 or x.shape[:3] != g.shape[:3] or k % 2 != 1 or k < 1:
         raise ValueError(f"conv_kernel_grad: NHWC x and g with equal [B, H, W] and an odd kernel size expected, "
                          f"got x {x.shape}, g {g.shape}, k {kernel_size}")
-    c, o = x.shape[3], g.shape[3]
     if not enabled(x, g):
-        from jax import lax
-
-        def conv(w):
-            return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jax.vjp(conv, jnp.zeros((k, k, c, o), x.dtype))[1](g)[0]
-    call = jax.ffi.ffi_call(_CONV_KGRAD, jax.ShapeDtypeStruct((k, k, c, o), jnp.float32), vmap_method="sequential")
-    return call(x, g)
+        return _xla_conv_kernel_grad(x, g, k)
+    return _conv_kernel_grad_call(x, g, k)
