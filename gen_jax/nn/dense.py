@@ -15,7 +15,9 @@ the FLASH presets) its layout assignment chooses the operands' layouts itself an
 
 Where `gen_jax.nn.cpu_blas` is enabled (float32 on a single CPU device with MKL installed), the flattened
 product and both of its gradients are instead BLAS calls: MKL's sgemm runs the RoFormer and FLASH dense
-products 10-30% faster than XLA:CPU's kernels (benchmarks/RESULTS.md).
+products 10-30% faster than XLA:CPU's kernels (benchmarks/RESULTS.md). Like the transposed kernel gradient
+above (a custom VJP), that path supports reverse-mode differentiation only; `GEN_JAX_CPU_BLAS=0` restores
+forward mode (`jax.jvp`) for all float32 layers.
 """
 from __future__ import annotations
 

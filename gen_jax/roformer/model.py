@@ -168,6 +168,7 @@ class RoFormerLayer(nnx.Module):
         v_BxTxNxH = self._project(self.value, x_BxTxD, cfg.rotary_value).reshape(B, T, N, H)
         if cfg.rotary_value:
             v_BxTxNxH = _rope_half(v_BxTxNxH, *rope)
+        blas = kv_cache is None and cpu_blas.enabled(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
         if kv_cache is not None:
             # the cache is [B, N, S, H] per layer: attention reads it without a transposed copy, and the
             # decode loop updates it in place
@@ -181,7 +182,7 @@ class RoFormerLayer(nnx.Module):
                                         preferred_element_type=jnp.float32)
         else:
             v_BxNxSxH, new_cache = None, None
-            if cpu_blas.enabled(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH):
+            if blas:
                 # head-major copies, then batched BLAS products (their VJPs are BLAS products too): B32 T512
                 # fwd+bwd 11.4 -> 11.0 s on one core of the AVX-512 Xeon (benchmarks/RESULTS.md)
                 v_BxNxSxH = v_BxTxNxH.transpose(0, 2, 1, 3)
@@ -194,7 +195,7 @@ class RoFormerLayer(nnx.Module):
             scores_BxNxTxS = jnp.where(mask_BxTxS[:, None], scores_BxNxTxS, _NEG)
         probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1)
         probs_BxNxTxS = _dropout(probs_BxNxTxS, cfg.attention_dropout_rate, rng())
-        if v_BxNxSxH is not None and kv_cache is None:  # the BLAS path above
+        if blas:
             ctx_BxTxNxH = cpu_blas.matmul(probs_BxNxTxS, v_BxNxSxH).transpose(0, 2, 1, 3)
         elif v_BxNxSxH is not None:
             ctx_BxTxNxH = jnp.einsum("bnts,bnsh->btnh", probs_BxNxTxS.astype(v_BxNxSxH.dtype), v_BxNxSxH)
