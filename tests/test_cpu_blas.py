@@ -14,6 +14,7 @@ import pytest
 from jax import lax
 
 from gen_jax.nn import conv_general_dilated, cpu_blas, flat_dot_general
+from gen_jax.nn.conv import blas_kernel_grad_pays, shifted_kernel_grad_pays
 
 if not cpu_blas._init()["ok"]:
     pytest.skip(f"no BLAS custom calls here: {cpu_blas._init()['why']}", allow_module_level=True)
@@ -142,12 +143,18 @@ def test_dense_layers_and_convolutions_route_through_it_with_xla_gradients():
     for g, v in zip(got, want):
         np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-5)
 
-    xi, wi = _rand(14, (2, 10, 10, 8)), _rand(15, (3, 3, 8, 16)) * 0.2  # narrower than the shifted path needs
+    # 32 channels at 14x14: narrower than the shifted products need, wide enough for the MKL kernel gradient
+    xi, wi = _rand(14, (2, 14, 14, 32)), _rand(15, (3, 3, 32, 32)) * 0.1
+    assert blas_kernel_grad_pays(wi.shape, (14, 14)) and not shifted_kernel_grad_pays(wi.shape, (14, 14))
 
     def conv_loss(conv, x, w):
         return jnp.sum(jnp.sin(conv(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)))
-    hlo = jax.jit(jax.grad(lambda x, w: conv_loss(conv_general_dilated, x, w), (0, 1))).lower(xi, wi).as_text()
-    assert cpu_blas._CONV_KGRAD in hlo
+
+    def grad_hlo(x, w):
+        return jax.jit(jax.grad(lambda x, w: conv_loss(conv_general_dilated, x, w), (0, 1))).lower(x, w).as_text()
+    assert cpu_blas._CONV_KGRAD in grad_hlo(xi, wi)
+    assert cpu_blas._CONV_KGRAD not in grad_hlo(xi[:, :7, :7], wi)  # 7x7: XLA's backward filter is faster
+    assert cpu_blas._CONV_KGRAD not in grad_hlo(xi[..., :16], wi[:, :, :16])  # 16 channels: likewise
     got = jax.grad(lambda x, w: conv_loss(conv_general_dilated, x, w), (0, 1))(xi, wi)
     want = jax.grad(lambda x, w: conv_loss(lax.conv_general_dilated, x, w), (0, 1))(xi, wi)
     for g, v in zip(got, want):
@@ -215,7 +222,7 @@ def test_roformer_on_blas_products_has_the_hidden_states_and_gradients_of_xla(mo
 def test_second_order_through_the_convolution_kernel_gradient_equals_lax():
     """A gradient penalty on the kernel gradient (grad of grad) differentiates the custom call's kernel
     gradient: its VJP is XLA's, so the result is lax's."""
-    x, w = _rand(18, (2, 6, 6, 4)), _rand(19, (3, 3, 4, 5)) * 0.3
+    x, w = _rand(18, (1, 14, 14, 32)), _rand(19, (3, 3, 32, 32)) * 0.1
 
     def penalty(conv, x):
         grad_w = jax.grad(lambda w: jnp.sum(jnp.tanh(conv(x, w, (1, 1), "SAME", dimension_numbers=_NHWC))))(w)

@@ -9,11 +9,10 @@ layers: `shifted_kernel_grad_pays`; narrower ones are plain `lax.conv_general_di
 the input gradient stay XLA's convolutions. On other platforms (GPU, TPU) the kernel gradient is XLA's own
 (`lax.platform_dependent`), so the function is safe to use everywhere.
 
-Where `gen_jax.nn.cpu_blas` is enabled (float32 on a single CPU device with MKL installed) and the convolution
-is stride 1 with "SAME" padding and an odd square kernel, the kernel gradient is instead one custom call: the
-k_h k_w products over the whole zero-padded batch in MKL's sgemm, 2-4x XLA:CPU's backward-filter convolution
-(28x28 64->64, batch 32, on an AVX-512 Xeon: 35 -> 138 GFLOP/s). This also pays for layers narrower than
-`shifted_kernel_grad_pays` asks for.
+Where `gen_jax.nn.cpu_blas` is enabled (float32 on a single CPU device with MKL installed), the convolution
+is stride 1 with "SAME" padding and an odd square kernel, and it pays (`blas_kernel_grad_pays`), the kernel
+gradient is instead one custom call: the k_h k_w products over the whole zero-padded batch in MKL's sgemm
+(28x28 64->64, batch 32, one core of an AVX-512 Xeon: XLA's backward-filter convolution 36 GFLOP/s, the call 89).
 
 Use it through flax: `nnx.Conv(..., conv_general_dilated=gen_jax.nn.conv_general_dilated)`. Cases other
 than 2-D NHWC/HWIO convolutions without dilation or groups fall back to `lax.conv_general_dilated` entirely.
@@ -83,10 +82,21 @@ def shifted_kernel_grad_pays(w_shape, out_spatial) -> bool:
     return kh * kw > 1 and min(c, o) >= 64 and out_spatial[0] * out_spatial[1] >= 256
 
 
+def blas_kernel_grad_pays(w_shape, out_spatial) -> bool:
+    """Where the MKL kernel gradient beat XLA:CPU's backward-filter conv (3x3, batch 32 unless noted, one core
+    of the AVX-512 Xeon, XLA -> MKL GFLOP/s): 28x28 32->32 34 -> 73, 64->64 36 -> 89; 16x16 64->64 66 -> 105;
+    14x14 32->32 102 -> 107, 64->64 77 -> 101, 128->128 83 -> 124; 32x32 128->128 (batch 8) 35 -> 153. Not at
+    7x7, where padding is 65% of the rows (32->32 121 -> 92, 128->128 133 -> 84), nor for 16 or fewer channels
+    (28x28 16->16 45 -> 43, 1->16 21 -> 13). So: at least 32 input and output channels and 14x14 outputs."""
+    kh, kw, c, o = w_shape
+    return kh * kw > 1 and min(c, o) >= 32 and out_spatial[0] * out_spatial[1] >= 196
+
+
 def _blas_kernel_grad_applies(x, w, strides, pads) -> bool:
     kh, kw = w.shape[:2]
-    return (kh == kw and kh % 2 == 1 and kh > 1 and tuple(strides) == (1, 1)
-            and tuple(pads) == ((kh // 2, kh // 2), (kh // 2, kh // 2)) and cpu_blas.enabled(x, w))
+    return (kh == kw and kh % 2 == 1 and tuple(strides) == (1, 1)
+            and tuple(pads) == ((kh // 2, kh // 2), (kh // 2, kh // 2))
+            and blas_kernel_grad_pays(w.shape, x.shape[1:3]) and cpu_blas.enabled(x, w))
 
 
 def _cpu_grads(x, w, g, strides, pads, precision, preferred):

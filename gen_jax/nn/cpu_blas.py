@@ -1,8 +1,8 @@
 """float32 matrix products on CPU through a CBLAS sgemm (Intel MKL), as XLA FFI custom calls.
 
 Why: on the x86 CPUs we measured, MKL's single-precision GEMM is 10-30% faster than the kernels XLA:CPU
-emits for the same dense-layer products, and 2-4x faster for the kernel gradient of 3x3 convolutions
-(benchmarks/RESULTS.md, "MKL products"). PyTorch's CPU build calls MKL; with this module so do our dense
+emits for the same dense-layer products, and up to 4x faster for the kernel gradient of 3x3 convolutions
+with 32 or more channels (benchmarks/RESULTS.md, "MKL products"). PyTorch's CPU build calls MKL; with this module so do our dense
 layers (`gen_jax.nn.dense`) and convolution kernel gradients (`gen_jax.nn.conv`) on CPU.
 
 How: `cpu_blas.cc` is compiled with the system C++ compiler on first use (about 2 s; cached under
