@@ -30,7 +30,7 @@ def forced(monkeypatch):
 
 def _custom_call_targets(f, *args):
     text = jax.jit(f).lower(*args).as_text()
-    return {t for t in (cpu_blas._GEMM, cpu_blas._CONV_KGRAD) if t in text}
+    return {t for t in (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD) if t in text}
 
 
 def _rand(key, shape):
@@ -206,14 +206,16 @@ def test_roformer_on_blas_products_has_the_hidden_states_and_gradients_of_xla(mo
     ids = jax.random.randint(jax.random.key(17), (2, 9), 5, 128)
 
     def loss(p):
-        return jnp.mean(nnx.merge(graphdef, p)(ids, jnp.zeros_like(ids)).hidden_BxTxD ** 2)
+        model = nnx.merge(graphdef, p)
+        return jnp.mean(model(ids, jnp.zeros_like(ids), padding_mask_BxT=ids > 40).hidden_BxTxD ** 2)
 
     def run():
         return jax.jit(jax.value_and_grad(loss))(params), jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
     (blas_loss, blas_grads), blas_hlo = run()
     monkeypatch.setenv(cpu_blas.ENV_SWITCH, "0")
     (xla_loss, xla_grads), xla_hlo = run()
-    assert cpu_blas._GEMM in blas_hlo and cpu_blas._GEMM not in xla_hlo
+    for target in (cpu_blas._GEMM, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD):
+        assert target in blas_hlo and target not in xla_hlo
     np.testing.assert_allclose(blas_loss, xla_loss, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(blas_grads), jax.tree.leaves(xla_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
@@ -231,3 +233,60 @@ def test_second_order_through_the_convolution_kernel_gradient_equals_lax():
     got = jax.grad(lambda x: penalty(conv_general_dilated, x))(x)
     want = jax.grad(lambda x: penalty(lax.conv_general_dilated, x))(x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def _softmax_float64(scores, scale, mask):
+    """The attention softmax in float64 numpy: masked logits become -1e30 (a fully masked row is uniform)."""
+    z = np.asarray(scores, np.float64) * scale
+    if mask is not None:
+        z = np.where(np.asarray(mask)[:, None], z, -1e30)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("S", [64, 9])  # the 16-float vector path and the scalar one
+@pytest.mark.parametrize("mask_shape", [None, (2, 5, "S"), (2, 1, "S"), (1, 5, "S")])
+def test_attention_softmax_equals_float64_numpy_with_every_mask_broadcast(S, mask_shape):
+    scores = _rand(30, (2, 3, 5, S)) * 40.0  # wide logits: many exp arguments far below -87
+    mask = None
+    if mask_shape is not None:
+        mask = jax.random.bernoulli(jax.random.key(31), 0.6, tuple(S if d == "S" else d for d in mask_shape))
+        mask = mask.at[0, 0].set(False)  # one fully masked row (or head-broadcast block of rows)
+    probs = cpu_blas.attention_softmax(scores, 0.125, mask)
+    assert cpu_blas._SOFTMAX in _custom_call_targets(lambda s: cpu_blas.attention_softmax(s, 0.125, mask), scores)
+    np.testing.assert_allclose(probs, _softmax_float64(scores, 0.125, mask), rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(np.sum(probs, -1), 1.0, rtol=2e-6)
+    if mask is not None:
+        assert np.all(np.asarray(probs)[np.broadcast_to(~np.asarray(mask)[:, None], probs.shape)
+                                        & ~np.all(~np.asarray(mask), -1, keepdims=True)[:, None]] == 0.0)
+
+
+@pytest.mark.parametrize("S", [48, 7])
+def test_attention_softmax_gradients_to_second_order_equal_the_xla_formula(S):
+    """The fused gradient (and its own VJP) agree with XLA's autodiff of the same formula, including zero
+    gradient for masked logits and for rows masked entirely."""
+    scores, w = _rand(32, (2, 2, 4, S)) * 3.0, _rand(33, (2, 2, 4, S))
+    mask = jax.random.bernoulli(jax.random.key(34), 0.7, (2, 4, S)).at[1, 2].set(False)
+
+    def loss(softmax, s):
+        return jnp.sum(jnp.sin(softmax(s)) * w)
+    fused = lambda s: cpu_blas.attention_softmax(s, 0.3, mask)  # noqa: E731
+    xla = lambda s: cpu_blas._xla_attention_softmax(s, mask, 0.3)  # noqa: E731
+    got, want = jax.grad(lambda s: loss(fused, s))(scores), jax.grad(lambda s: loss(xla, s))(scores)
+    assert cpu_blas._SOFTMAX_GRAD in _custom_call_targets(jax.grad(lambda s: loss(fused, s)), scores)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(got)[np.broadcast_to(~np.asarray(mask)[:, None], got.shape)] == 0.0)
+    second = lambda f: jax.grad(lambda s: jnp.sum(jax.grad(lambda s: loss(f, s))(s) ** 2))(scores)  # noqa: E731
+    np.testing.assert_allclose(second(fused), second(xla), rtol=1e-4, atol=1e-6)
+
+
+def test_attention_softmax_vmaps_propagates_nan_and_refuses_bad_masks():
+    scores = _rand(35, (3, 1, 2, 4, 16))
+    got = jax.vmap(lambda s: cpu_blas.attention_softmax(s, 1.0))(scores)
+    np.testing.assert_allclose(got, jax.nn.softmax(scores, -1), rtol=2e-6, atol=1e-7)
+    poisoned = cpu_blas.attention_softmax(scores[0].at[0, 0, 1, 3].set(jnp.nan), 1.0)
+    assert np.all(np.isnan(poisoned[0, 0, 1])) and not np.any(np.isnan(poisoned[0, 0, 0]))
+    with pytest.raises(ValueError, match=r"mask of shape \(1, 4, 15\)"):
+        cpu_blas.attention_softmax(scores[0], 1.0, jnp.ones((1, 4, 15), bool))
+    with pytest.raises(ValueError, match=r"scores \[B, N, T, S\]"):
+        cpu_blas.attention_softmax(scores[0, 0], 1.0)

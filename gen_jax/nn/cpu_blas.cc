@@ -6,6 +6,7 @@
 // like the pool's threads do, so it never waits on a chunk nobody has started (no deadlock when every pool
 // thread is itself inside a custom call), and a single-threaded pool runs everything in the caller.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -162,6 +163,159 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// ---- attention softmax: y = softmax(where(mask, scale * x, -1e30)) over the last axis, and its gradient ----
+// x, y [B, N, T, S]; mask [Bm, Tm, S] with Bm in {1, B}, Tm in {1, T}, broadcast over heads N. -1e30 (finite)
+// keeps a fully masked row uniform rather than NaN, as the JAX formula it replaces. Each row is a few KB, so
+// the three passes run in L1 and the whole op is one read and one write of memory (XLA:CPU makes several).
+// GCC/Clang vector extensions: one 16-float vector (an AVX-512 register; narrower machines get it split)
+typedef float F16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+typedef uint8_t B16 __attribute__((vector_size(16)));
+constexpr int kLanes = 16;
+constexpr float kMaskedLogit = -1e30f;
+
+inline F16 Load(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, F16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline I16 LoadMask(const bool* p) {  // all ones where true
+  B16 m;
+  std::memcpy(&m, p, sizeof(m));
+  return __builtin_convertvector(m, I16) != 0;
+}
+inline F16 Splat(float x) { return F16{} + x; }
+inline F16 Select(I16 c, F16 a, F16 b) {  // c ? a : b lane-wise, with c all ones or zero
+  I16 ai, bi;
+  std::memcpy(&ai, &a, sizeof(ai));
+  std::memcpy(&bi, &b, sizeof(bi));
+  I16 r = (ai & c) | (bi & ~c);
+  F16 out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
+
+// exp(x) for x <= 0 to float32 rounding (Cephes' expf polynomial), 0 below -87.3 (true value < 1.2e-38)
+inline F16 ExpNonPositive(F16 x) {
+  const F16 z = x * 1.44269504088896341f + 0.5f;
+  F16 n = __builtin_convertvector(__builtin_convertvector(z, I16), F16);
+  n = Select(n > z, n - 1.f, n);  // floor: conversion truncates toward zero
+  n = Select(n < -126.f, Splat(-126.f), n);
+  const F16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  F16 p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
+  F16 two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return Select(x < -87.3f, F16{}, p * two_n);
+}
+
+float HorizontalMax(F16 v) {
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+float HorizontalSum(F16 v) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// y = softmax(where(mask, scale * x, -1e30)) of one row; rows whose length is not a multiple of 16 take the
+// plain scalar loop (no tail handling in the vector path)
+void SoftmaxRow(const float* x, const bool* mask, float scale, float* y, int64_t S) {
+  if (S % kLanes != 0) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t j = 0; j < S; ++j) mx = std::max(mx, y[j] = mask[j] ? x[j] * scale : kMaskedLogit);
+    for (int64_t j = 0; j < S; ++j) sum += (y[j] = std::exp(y[j] - mx));
+    for (int64_t j = 0; j < S; ++j) y[j] /= sum;
+    return;
+  }
+  F16 lane_max = Splat(-INFINITY);
+  for (int64_t i = 0; i < S; i += kLanes) {
+    const F16 v = Select(LoadMask(mask + i), Load(x + i) * scale, Splat(kMaskedLogit));
+    Store(y + i, v);
+    lane_max = Select(v > lane_max, v, lane_max);
+  }
+  const float mx = HorizontalMax(lane_max);
+  if (!std::isfinite(mx)) {  // NaN or +-inf logits: let the plain formula say what it says
+    float sum = 0.f;
+    for (int64_t j = 0; j < S; ++j) sum += (y[j] = std::exp(y[j] - mx));
+    for (int64_t j = 0; j < S; ++j) y[j] /= sum;
+    return;
+  }
+  F16 lane_sum{};
+  for (int64_t i = 0; i < S; i += kLanes) {
+    const F16 e = ExpNonPositive(Load(y + i) - mx);
+    Store(y + i, e);
+    lane_sum += e;
+  }
+  const float inv = 1.f / HorizontalSum(lane_sum);
+  for (int64_t i = 0; i < S; i += kLanes) Store(y + i, Load(y + i) * inv);
+}
+
+// dx = where(mask, scale * p * (g - <g, p>), 0): the VJP of SoftmaxRow given its output p
+void SoftmaxGradRow(const float* p, const float* g, const bool* mask, float scale, float* dx, int64_t S) {
+  if (S % kLanes != 0) {
+    float dot = 0.f;
+    for (int64_t j = 0; j < S; ++j) dot += g[j] * p[j];
+    for (int64_t j = 0; j < S; ++j) dx[j] = mask[j] ? scale * p[j] * (g[j] - dot) : 0.f;
+    return;
+  }
+  F16 lane_dot{};
+  for (int64_t i = 0; i < S; i += kLanes) lane_dot += Load(g + i) * Load(p + i);
+  const float dot = HorizontalSum(lane_dot);
+  for (int64_t i = 0; i < S; i += kLanes)
+    Store(dx + i, Select(LoadMask(mask + i), (Load(g + i) - dot) * Load(p + i) * scale, F16{}));
+}
+
+// Checks the shapes; rows() calls fn(row of x, row of mask) for every row, in parallel chunks.
+template <typename RowFn>
+ffi::Error ForEachSoftmaxRow(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> md,
+                             RowFn fn) {
+  if (xd.size() != 4 || md.size() != 3)
+    return ffi::Error::InvalidArgument("gen_jax softmax: scores [B, N, T, S] and mask [B or 1, T or 1, S] expected");
+  const int64_t B = xd[0], N = xd[1], T = xd[2], S = xd[3];
+  if ((md[0] != B && md[0] != 1) || (md[1] != T && md[1] != 1) || md[2] != S)
+    return ffi::Error::InvalidArgument("gen_jax softmax: the mask does not broadcast to the scores");
+  const int64_t rows = B * N * T, chunk = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(S, 1));
+  const int64_t mB = md[0] == 1 ? 0 : md[1], mT = md[1] == 1 ? 0 : 1;
+  ParallelFor(pool, (rows + chunk - 1) / chunk, [=](int64_t c) {
+    for (int64_t r = c * chunk, end = std::min(rows, r + chunk); r < end; ++r) {
+      const int64_t t = r % T, b = r / (N * T);
+      fn(r * S, (b * mB + t * mT) * S, S);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Softmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::PRED> mask,
+                   ffi::ResultBuffer<ffi::F32> y, float scale) {
+  const float* xp = x.typed_data();
+  const bool* mp = mask.typed_data();
+  float* yp = y->typed_data();
+  return ForEachSoftmaxRow(pool, x.dimensions(), mask.dimensions(), [=](int64_t xo, int64_t mo, int64_t S) {
+    SoftmaxRow(xp + xo, mp + mo, scale, yp + xo, S);
+  });
+}
+
+ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> g,
+                       ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> dx, float scale) {
+  const float* pp = p.typed_data();
+  const float* gp = g.typed_data();
+  const bool* mp = mask.typed_data();
+  float* dp = dx->typed_data();
+  return ForEachSoftmaxRow(pool, p.dimensions(), mask.dimensions(), [=](int64_t xo, int64_t mo, int64_t S) {
+    SoftmaxGradRow(pp + xo, gp + xo, mp + mo, scale, dp + xo, S);
+  });
+}
+
 }  // namespace
 
 extern "C" void gen_jax_cpu_blas_set_sgemm(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
@@ -181,3 +335,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxConvKernelGradF32, ConvKernelGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxSoftmaxF32, Softmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxSoftmaxGradF32, SoftmaxGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

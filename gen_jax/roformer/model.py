@@ -15,6 +15,7 @@ stored already rotated, so every new token only needs its own RoPE position).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -190,10 +191,13 @@ class RoFormerLayer(nnx.Module):
                                                  trans_b=True)
             else:
                 scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxTxNxH, preferred_element_type=jnp.float32)
-        scores_BxNxTxS = scores_BxNxTxS / jnp.sqrt(cfg.head_dim)
-        if mask_BxTxS is not None:  # [B, T or 1, S]
-            scores_BxNxTxS = jnp.where(mask_BxTxS[:, None], scores_BxNxTxS, _NEG)
-        probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1)
+        if blas:  # scale, mask and softmax as one pass over the scores, and one for the gradient
+            probs_BxNxTxS = cpu_blas.attention_softmax(scores_BxNxTxS, 1.0 / math.sqrt(cfg.head_dim), mask_BxTxS)
+        else:
+            scores_BxNxTxS = scores_BxNxTxS / jnp.sqrt(cfg.head_dim)
+            if mask_BxTxS is not None:  # [B, T or 1, S]
+                scores_BxNxTxS = jnp.where(mask_BxTxS[:, None], scores_BxNxTxS, _NEG)
+            probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1)
         probs_BxNxTxS = _dropout(probs_BxNxTxS, cfg.attention_dropout_rate, rng())
         if blas:
             ctx_BxTxNxH = cpu_blas.matmul(probs_BxNxTxS, v_BxNxSxH).transpose(0, 2, 1, 3)
