@@ -30,7 +30,9 @@ def forced(monkeypatch):
 
 def _custom_call_targets(f, *args):
     text = jax.jit(f).lower(*args).as_text()
-    return {t for t in (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD) if t in text}
+    targets = (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD, cpu_blas._LAYER_NORM,
+               cpu_blas._LAYER_NORM_GRAD)
+    return {t for t in targets if t in text}
 
 
 def _rand(key, shape):
@@ -290,3 +292,36 @@ def test_attention_softmax_vmaps_propagates_nan_and_refuses_bad_masks():
         cpu_blas.attention_softmax(scores[0], 1.0, jnp.ones((1, 4, 15), bool))
     with pytest.raises(ValueError, match=r"scores \[B, N, T, S\]"):
         cpu_blas.attention_softmax(scores[0, 0], 1.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 64), (7, 48)])
+def test_layer_norm_equals_float64_numpy_and_its_gradients_equal_xla_to_second_order(shape):
+    x = _rand(40, shape) * 3.0 + 5.0  # an offset, where a one-pass variance would lose digits
+    scale, bias, w = _rand(41, shape[-1:]), _rand(42, shape[-1:]), _rand(43, shape)
+    x64 = np.asarray(x, np.float64)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    want = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(scale) + np.asarray(bias)
+    fused = lambda x, s, b: cpu_blas.layer_norm(x, s, b, 1e-6)  # noqa: E731
+    xla = lambda x, s, b: cpu_blas._xla_layer_norm(x, s, b, 1e-6)  # noqa: E731
+    assert cpu_blas._LAYER_NORM in _custom_call_targets(fused, x, scale, bias)
+    np.testing.assert_allclose(fused(x, scale, bias), want, rtol=1e-5, atol=1e-5)
+
+    def loss(f, x, s, b):
+        return jnp.sum(jnp.sin(f(x, s, b)) * w)
+    got = jax.grad(lambda *a: loss(fused, *a), (0, 1, 2))(x, scale, bias)
+    ref = jax.grad(lambda *a: loss(xla, *a), (0, 1, 2))(x, scale, bias)
+    assert cpu_blas._LAYER_NORM_GRAD in _custom_call_targets(jax.grad(lambda *a: loss(fused, *a)), x, scale, bias)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+    def second(f):
+        return jax.grad(lambda x: jnp.sum(jax.grad(lambda x, s: loss(f, x, s, bias), (0, 1))(x, scale)[1] ** 2))(x)
+    np.testing.assert_allclose(second(fused), second(xla), rtol=1e-3, atol=1e-4 * float(jnp.abs(second(xla)).max()))
+
+
+def test_layer_norm_keeps_widths_off_the_vector_grid_on_xla_and_refuses_mismatched_parameters():
+    x = _rand(44, (4, 10))
+    assert cpu_blas._LAYER_NORM not in jax.jit(lambda x: cpu_blas.layer_norm(
+        x, jnp.ones(10), jnp.zeros(10), 1e-5)).lower(x).as_text()
+    with pytest.raises(ValueError, match=r"scale \(9,\) and bias \(10,\) must be \[10\]"):
+        cpu_blas.layer_norm(x, jnp.ones(9), jnp.zeros(10), 1e-5)

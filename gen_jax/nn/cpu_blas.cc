@@ -275,6 +275,99 @@ void SoftmaxGradRow(const float* p, const float* g, const bool* mask, float scal
     Store(dx + i, Select(LoadMask(mask + i), (Load(g + i) - dot) * Load(p + i) * scale, F16{}));
 }
 
+// ---- LayerNorm over the last axis, y = (x - mean) / sqrt(var + eps) * gamma + beta, and its gradient ----
+// x [R, D] with D a multiple of 16 (the Python side keeps other widths on XLA). Two-pass mean and variance per
+// row in L1; the gradient recomputes them from x rather than saving them, so that both calls are functions of
+// (x, gamma[, g]) alone and the second-order rule can be XLA's VJP of the closed form.
+struct RowMoments {
+  float mean, rstd;
+};
+
+inline RowMoments Moments(const float* x, int64_t D, float eps) {
+  F16 s{};
+  for (int64_t i = 0; i < D; i += kLanes) s += Load(x + i);
+  const float mean = HorizontalSum(s) / D;
+  F16 q{};
+  for (int64_t i = 0; i < D; i += kLanes) {
+    const F16 d = Load(x + i) - mean;
+    q += d * d;
+  }
+  return {mean, 1.f / std::sqrt(HorizontalSum(q) / D + eps)};
+}
+
+ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                     ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> y, float eps) {
+  auto xd = x.dimensions();
+  const int64_t D = xd.size() == 0 ? 0 : xd[xd.size() - 1], R = D ? x.element_count() / D : 0;
+  if (D % kLanes != 0 || gamma.element_count() != D || beta.element_count() != D)
+    return ffi::Error::InvalidArgument("gen_jax layer_norm: last axis must be a multiple of 16 and match gamma, beta");
+  const float* xp = x.typed_data();
+  const float* gp = gamma.typed_data();
+  const float* bp = beta.typed_data();
+  float* yp = y->typed_data();
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1));
+  ParallelFor(pool, (R + chunk - 1) / chunk, [=](int64_t c) {
+    for (int64_t r = c * chunk, end = std::min(R, r + chunk); r < end; ++r) {
+      const float* xr = xp + r * D;
+      const RowMoments m = Moments(xr, D, eps);
+      for (int64_t i = 0; i < D; i += kLanes)
+        Store(yp + r * D + i, (Load(xr + i) - m.mean) * m.rstd * Load(gp + i) + Load(bp + i));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dx = rstd (gy - mean(gy) - xhat mean(gy xhat)) with gy = g gamma; dgamma = sum_rows g xhat; dbeta = sum_rows g.
+// The row sums go through one [D] partial per chunk, added up in chunk order (deterministic).
+ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                         ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
+                         ffi::ResultBuffer<ffi::F32> dbeta, float eps) {
+  auto xd = x.dimensions();
+  const int64_t D = xd.size() == 0 ? 0 : xd[xd.size() - 1], R = D ? x.element_count() / D : 0;
+  if (D % kLanes != 0 || gamma.element_count() != D || g.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("gen_jax layer_norm grad: shapes do not match");
+  const float* xp = x.typed_data();
+  const float* gam = gamma.typed_data();
+  const float* gp = g.typed_data();
+  float* dxp = dx->typed_data();
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1));
+  const int64_t chunks = (R + chunk - 1) / chunk;
+  std::vector<float> partial(2 * chunks * D, 0.f);  // [chunks, 2, D]: dgamma, dbeta
+  float* pp = partial.data();
+  ParallelFor(pool, chunks, [=](int64_t c) {
+    float* pg = pp + 2 * c * D;
+    float* pb = pg + D;
+    for (int64_t r = c * chunk, end = std::min(R, r + chunk); r < end; ++r) {
+      const float* xr = xp + r * D;
+      const float* gr = gp + r * D;
+      const RowMoments m = Moments(xr, D, eps);
+      F16 s1{}, s2{};
+      for (int64_t i = 0; i < D; i += kLanes) {
+        const F16 xhat = (Load(xr + i) - m.mean) * m.rstd, gv = Load(gr + i), gy = gv * Load(gam + i);
+        s1 += gy * xhat;
+        s2 += gy;
+        Store(pg + i, Load(pg + i) + gv * xhat);
+        Store(pb + i, Load(pb + i) + gv);
+      }
+      const float c1 = HorizontalSum(s1) / D, c2 = HorizontalSum(s2) / D;
+      for (int64_t i = 0; i < D; i += kLanes) {
+        const F16 xhat = (Load(xr + i) - m.mean) * m.rstd, gy = Load(gr + i) * Load(gam + i);
+        Store(dxp + r * D + i, m.rstd * (gy - c2 - xhat * c1));
+      }
+    }
+  });
+  float* dg = dgamma->typed_data();
+  float* db = dbeta->typed_data();
+  std::fill(dg, dg + D, 0.f);
+  std::fill(db, db + D, 0.f);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < D; ++i) {
+      dg[i] += pp[2 * c * D + i];
+      db[i] += pp[(2 * c + 1) * D + i];
+    }
+  return ffi::Error::Success();
+}
+
 // Checks the shapes; rows() calls fn(row of x, row of mask) for every row, in parallel chunks.
 template <typename RowFn>
 ffi::Error ForEachSoftmaxRow(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> md,
@@ -352,3 +445,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxSoftmaxGradF32, SoftmaxGrad,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxLayerNormF32, LayerNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxLayerNormGradF32, LayerNormGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["enabled", "status", "matmul", "conv_kernel_grad", "attention_softmax", "ENV_SWITCH", "ENV_LIBRARY"]
+__all__ = ["enabled", "status", "matmul", "conv_kernel_grad", "attention_softmax", "layer_norm", "ENV_SWITCH", "ENV_LIBRARY"]
 
 ENV_SWITCH = "GEN_JAX_CPU_BLAS"  # 0: off; auto (default): on a single CPU device; force: on any CPU device count
 ENV_LIBRARY = "GEN_JAX_CPU_BLAS_LIB"  # path of a shared library exporting cblas_sgemm (default: MKL's mkl_rt)
@@ -47,6 +47,8 @@ _GEMM = "gen_jax_cpu_blas_gemm_f32"
 _CONV_KGRAD = "gen_jax_cpu_blas_conv_kernel_grad_f32"
 _SOFTMAX = "gen_jax_cpu_softmax_f32"
 _SOFTMAX_GRAD = "gen_jax_cpu_softmax_grad_f32"
+_LAYER_NORM = "gen_jax_cpu_layer_norm_f32"
+_LAYER_NORM_GRAD = "gen_jax_cpu_layer_norm_grad_f32"
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, and the loaded libraries (kept alive)
@@ -139,6 +141,9 @@ def _init() -> dict:
             jax.ffi.register_ffi_target(_CONV_KGRAD, jax.ffi.pycapsule(lib.GenJaxConvKernelGradF32), platform="cpu")
             jax.ffi.register_ffi_target(_SOFTMAX, jax.ffi.pycapsule(lib.GenJaxSoftmaxF32), platform="cpu")
             jax.ffi.register_ffi_target(_SOFTMAX_GRAD, jax.ffi.pycapsule(lib.GenJaxSoftmaxGradF32), platform="cpu")
+            jax.ffi.register_ffi_target(_LAYER_NORM, jax.ffi.pycapsule(lib.GenJaxLayerNormF32), platform="cpu")
+            jax.ffi.register_ffi_target(_LAYER_NORM_GRAD, jax.ffi.pycapsule(lib.GenJaxLayerNormGradF32),
+                                        platform="cpu")
         except (OSError, AttributeError) as e:
             _state.update(ok=False, why=str(e))
             return _state
@@ -355,3 +360,64 @@ def attention_softmax(scores_BxNxTxS: jax.Array, scale: float, mask_BxTxS: jax.A
         return _xla_attention_softmax(scores_BxNxTxS, mask_BxTxS, scale)
     mask = jnp.ones((1, 1, S), bool) if mask_BxTxS is None else mask_BxTxS.astype(bool)
     return _softmax_call(scores_BxNxTxS, mask, float(scale))
+
+
+def _xla_layer_norm(x, scale, bias, eps):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * lax.rsqrt(var + jnp.asarray(eps, x.dtype)) * scale + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_call(x, scale, bias, eps):
+    call = jax.ffi.ffi_call(_LAYER_NORM, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
+    return call(x, scale, bias, eps=np.float32(eps))
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    return _layer_norm_call(x, scale, bias, eps), (x, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+    x, scale = res
+    return _layer_norm_grad_call(x, scale, g, eps)
+
+
+_layer_norm_call.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _xla_layer_norm_vjp(x, scale, g, eps):
+    return jax.vjp(lambda x, s, b: _xla_layer_norm(x, s, b, eps), x, scale, jnp.zeros_like(scale))[1](g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_grad_call(x, scale, g, eps):
+    d = x.shape[-1]
+    out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((d,), jnp.float32),
+           jax.ShapeDtypeStruct((d,), jnp.float32))
+    return tuple(jax.ffi.ffi_call(_LAYER_NORM_GRAD, out, vmap_method="sequential")(x, scale, g, eps=np.float32(eps)))
+
+
+def _layer_norm_grad_fwd(x, scale, g, eps):
+    return _layer_norm_grad_call(x, scale, g, eps), (x, scale, g)
+
+
+def _layer_norm_grad_bwd(eps, res, ct):
+    # second order: XLA's VJP of the closed-form gradient
+    return jax.vjp(lambda x, s, g: _xla_layer_norm_vjp(x, s, g, eps), *res)[1](ct)
+
+
+_layer_norm_grad_call.defvjp(_layer_norm_grad_fwd, _layer_norm_grad_bwd)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, (x - mean) / sqrt(var + eps) * scale + bias, with the two-pass variance.
+
+    Where `enabled` and the last axis is a multiple of 16: one custom call forward and one backward (dx, dscale,
+    dbias in a single pass over x and the cotangent); otherwise the formula in jax.numpy."""
+    d = x.shape[-1] if x.ndim else 0
+    if scale.shape != (d,) or bias.shape != (d,):
+        raise ValueError(f"layer_norm: scale {scale.shape} and bias {bias.shape} must be [{d}] for x {x.shape}")
+    if not enabled(x, scale, bias) or d == 0 or d % 16 or x.size == 0:
+        return _xla_layer_norm(x, scale, bias, eps)
+    return _layer_norm_call(x, scale, bias, float(eps))

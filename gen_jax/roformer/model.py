@@ -137,6 +137,15 @@ def _norm(dim: int, cfg: RoFormerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
                          use_fast_variance=False, rngs=rngs)
 
 
+def _layer_norm(norm: nnx.LayerNorm, x):
+    """`norm(x)`; on one CPU device in float32, a fused custom call (cpu_blas.layer_norm: one pass forward and
+    one backward, against XLA's several)."""
+    scale, bias = norm.scale[...], norm.bias[...]
+    if norm.dtype is None and cpu_blas.enabled(x, scale, bias) and x.shape[-1] % 16 == 0:
+        return cpu_blas.layer_norm(x, scale, bias, norm.epsilon)
+    return norm(x)
+
+
 def _dtype(cfg: RoFormerConfig):
     # float32 config -> dtype None: compute in the dtype the params arrive in (the training core may cast
     # them to bf16); otherwise force the configured compute dtype.
@@ -210,10 +219,10 @@ class RoFormerLayer(nnx.Module):
             attn_BxTxD = self._project(self.attn_out, ctx_BxTxD, True, rows=True)
         else:
             attn_BxTxD = self.attn_out(ctx_BxTxD)
-        x_BxTxD = self.attn_norm(x_BxTxD + _dropout(attn_BxTxD, cfg.dropout_rate, rng()))
+        x_BxTxD = _layer_norm(self.attn_norm, x_BxTxD + _dropout(attn_BxTxD, cfg.dropout_rate, rng()))
         h_BxTxF = _gelu(self.ffn_in(x_BxTxD))
         y_BxTxD = _dropout(self.ffn_out(h_BxTxF), cfg.dropout_rate, rng())
-        return self.ffn_norm(x_BxTxD + y_BxTxD), new_cache
+        return _layer_norm(self.ffn_norm, x_BxTxD + y_BxTxD), new_cache
 
     def _project(self, lin: nnx.Linear, x, half: bool, rows: bool = False):
         """`lin(x)`, with the kernel's output columns (or input rows) in the half layout when `half`."""
@@ -309,7 +318,7 @@ class RoFormer(nnx.Module):
         rng = _RngStream(dropout_rng)
 
         x = self.word_embeddings(token_ids_BxT) + self.segment_embeddings(segment_ids_BxT)
-        x = _dropout(self.embed_norm(x), cfg.dropout_rate, rng())
+        x = _dropout(_layer_norm(self.embed_norm, x), cfg.dropout_rate, rng())
         if self.embed_project is not None:
             x = self.embed_project(x)
 
@@ -367,7 +376,7 @@ class RoFormer(nnx.Module):
         """MLM head: LN(gelu(Dense(h))) @ word_embeddings^T + bias, float32 logits [B, T, V]."""
         if self.mlm_dense is None:
             raise ConfigError("this RoFormer has no MLM head; build it with RoFormerConfig(with_mlm=True)")
-        h = self.mlm_norm(_gelu(self.mlm_dense(hidden_BxTxD)))
+        h = _layer_norm(self.mlm_norm, _gelu(self.mlm_dense(hidden_BxTxD)))
         emb_VxE = self.word_embeddings.embedding[...]
         logits = jnp.einsum("...e,ve->...v", h, emb_VxE.astype(h.dtype), preferred_element_type=jnp.float32)
         return logits + self.mlm_bias[...].astype(jnp.float32)
