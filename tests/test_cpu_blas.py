@@ -31,7 +31,7 @@ def forced(monkeypatch):
 def _custom_call_targets(f, *args):
     text = jax.jit(f).lower(*args).as_text()
     targets = (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD, cpu_blas._LAYER_NORM,
-               cpu_blas._LAYER_NORM_GRAD)
+               cpu_blas._LAYER_NORM_GRAD, cpu_blas._GROUP_NORM, cpu_blas._GROUP_NORM_GRAD)
     return {t for t in targets if t in text}
 
 
@@ -325,3 +325,81 @@ def test_layer_norm_keeps_widths_off_the_vector_grid_on_xla_and_refuses_mismatch
         x, jnp.ones(10), jnp.zeros(10), 1e-5)).lower(x).as_text()
     with pytest.raises(ValueError, match=r"scale \(9,\) and bias \(10,\) must be \[10\]"):
         cpu_blas.layer_norm(x, jnp.ones(9), jnp.zeros(10), 1e-5)
+
+
+def _group_norm_float64(x, scale, bias, groups, eps, silu):
+    x64 = np.asarray(x, np.float64)
+    xg = x64.reshape(x64.shape[0], -1, groups, x64.shape[-1] // groups)
+    centred = xg - xg.mean(axis=(1, 3), keepdims=True)
+    z = (centred / np.sqrt((centred ** 2).mean(axis=(1, 3), keepdims=True) + eps)).reshape(x64.shape)
+    z = z * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+    return z / (1.0 + np.exp(-z)) if silu else z
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("shape,groups", [((3, 7, 5, 32), 8), ((2, 6, 16), 1), ((2, 4, 4, 48), 48)])
+def test_group_norm_equals_float64_numpy_and_its_gradients_equal_xla_to_second_order(shape, groups, silu):
+    x = _rand(50, shape) * 2.0 + 3.0
+    scale, bias, w = _rand(51, shape[-1:]), _rand(52, shape[-1:]), _rand(53, shape)
+    fused = lambda x, s, b: cpu_blas.group_norm(x, s, b, groups, 1e-6, silu=silu)  # noqa: E731
+    xla = lambda x, s, b: cpu_blas._xla_group_norm(x, s, b, groups, 1e-6, silu)  # noqa: E731
+    assert cpu_blas._GROUP_NORM in _custom_call_targets(fused, x, scale, bias)
+    np.testing.assert_allclose(fused(x, scale, bias), _group_norm_float64(x, scale, bias, groups, 1e-6, silu),
+                               rtol=1e-5, atol=2e-5)
+
+    def loss(f, x, s, b):
+        return jnp.sum(jnp.sin(f(x, s, b)) * w)
+    got = jax.grad(lambda *a: loss(fused, *a), (0, 1, 2))(x, scale, bias)
+    ref = jax.grad(lambda *a: loss(xla, *a), (0, 1, 2))(x, scale, bias)
+    assert cpu_blas._GROUP_NORM_GRAD in _custom_call_targets(jax.grad(lambda *a: loss(fused, *a)), x, scale, bias)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+    def second(f):
+        return jax.grad(lambda x: jnp.sum(jax.grad(lambda x, s: loss(f, x, s, bias), (0, 1))(x, scale)[1] ** 2))(x)
+    want = second(xla)
+    np.testing.assert_allclose(second(fused), want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_group_norm_equals_flax_and_refuses_bad_groups_and_parameters():
+    from flax import nnx
+    x = _rand(54, (2, 5, 5, 32))
+    norm = nnx.GroupNorm(32, num_groups=4, epsilon=1e-6, rngs=nnx.Rngs(0))
+    norm.scale[...], norm.bias[...] = _rand(55, (32,)), _rand(56, (32,))
+    np.testing.assert_allclose(cpu_blas.group_norm(x, norm.scale[...], norm.bias[...], 4, 1e-6), norm(x),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="32 channels do not split into 5 groups"):
+        cpu_blas.group_norm(x, norm.scale[...], norm.bias[...], 5, 1e-6)
+    with pytest.raises(ValueError, match=r"scale \(16,\)"):
+        cpu_blas.group_norm(x, jnp.ones(16), norm.bias[...], 4, 1e-6)
+    x20 = _rand(57, (2, 3, 20))  # channels off the 16-float grid: XLA's formula
+    assert cpu_blas._GROUP_NORM not in jax.jit(lambda x: cpu_blas.group_norm(
+        x, jnp.ones(20), jnp.zeros(20), 4, 1e-6)).lower(x20).as_text()
+
+
+def test_unet_on_fused_group_norms_has_the_outputs_and_gradients_of_xla(monkeypatch):
+    """A U-Net with 16-channel layers (fused GroupNorm+SiLU) and 8-channel ones (flax's GroupNorm) equals
+    the all-XLA U-Net, values and parameter gradients."""
+    from flax import nnx
+
+    from gen_jax.ddpm import UNet
+    unet = UNet(in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), resolution=8,
+                num_groups=4, dropout=0.0, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(unet, nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.05 * _rand(58, p.shape), params)  # no zero-initialized output layer
+    x, t = _rand(59, (2, 8, 8, 1)), jnp.array([3, 700])
+
+    def loss(p):
+        return jnp.mean(jnp.tanh(nnx.merge(graphdef, p)(x, t, deterministic=True)) ** 2)
+
+    def run():
+        step = jax.jit(jax.value_and_grad(loss))
+        return step(params), step.lower(params).as_text()
+    (fused_loss, fused_grads), fused_hlo = run()
+    monkeypatch.setenv(cpu_blas.ENV_SWITCH, "0")
+    (xla_loss, xla_grads), xla_hlo = run()
+    assert cpu_blas._GROUP_NORM in fused_hlo and cpu_blas._GROUP_NORM_GRAD in fused_hlo
+    assert cpu_blas._GROUP_NORM not in xla_hlo
+    np.testing.assert_allclose(fused_loss, xla_loss, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(xla_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5 * max(float(jnp.abs(w).max()), 1e-3))

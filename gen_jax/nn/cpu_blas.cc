@@ -368,6 +368,152 @@ ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// ---- GroupNorm over NHWC, optionally followed by SiLU, and its gradient ----
+// x [B, P, C] (P = H W pixels), C a multiple of 16, G groups of C / G adjacent channels; per image b and group:
+// y = act((x - mean) / sqrt(var + eps) gamma + beta), statistics over the group's P C / G values (two-pass).
+// Parallel over images; one image's activations (P C floats) stay in L2 across the passes.
+struct GroupStats {
+  std::vector<float> mean, rstd;  // per channel (the group's value repeated): the vector loops read them by lane
+};
+
+GroupStats ImageGroupStats(const float* x, int64_t P, int64_t C, int64_t G, float eps) {
+  const int64_t cg = C / G;
+  std::vector<float> sum(C, 0.f);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t c = 0; c < C; c += kLanes) Store(sum.data() + c, Load(sum.data() + c) + Load(x + p * C + c));
+  GroupStats st{std::vector<float>(C), std::vector<float>(C)};
+  const float n = static_cast<float>(P * cg);
+  for (int64_t g = 0; g < G; ++g) {
+    float s = 0.f;
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) s += sum[c];
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) st.mean[c] = s / n;
+  }
+  std::fill(sum.begin(), sum.end(), 0.f);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t c = 0; c < C; c += kLanes) {
+      const F16 d = Load(x + p * C + c) - Load(st.mean.data() + c);
+      Store(sum.data() + c, Load(sum.data() + c) + d * d);
+    }
+  for (int64_t g = 0; g < G; ++g) {
+    float s = 0.f;
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) s += sum[c];
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) st.rstd[c] = 1.f / std::sqrt(s / n + eps);
+  }
+  return st;
+}
+
+inline F16 Sigmoid(F16 z) {  // exp of -|z| only, so nothing overflows
+  const F16 e = ExpNonPositive(Select(z < 0.f, z, -z));
+  const F16 r = 1.f / (1.f + e);
+  return Select(z < 0.f, e * r, r);
+}
+
+ffi::Error CheckGroupNorm(ffi::Span<const int64_t> xd, int64_t gamma_n, int64_t beta_n, int64_t groups) {
+  if (xd.size() < 2) return ffi::Error::InvalidArgument("gen_jax group_norm: x [B, ..., C] expected");
+  const int64_t C = xd[xd.size() - 1];
+  if (C % kLanes != 0 || groups <= 0 || C % groups != 0 || gamma_n != C || beta_n != C)
+    return ffi::Error::InvalidArgument("gen_jax group_norm: channels must be a multiple of 16 and of the groups, "
+                                       "gamma and beta [C]");
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                     ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> y, int64_t groups, float eps, bool silu) {
+  auto xd = x.dimensions();
+  if (auto err = CheckGroupNorm(xd, gamma.element_count(), beta.element_count(), groups); err.failure()) return err;
+  const int64_t B = xd[0], C = xd[xd.size() - 1], P = B ? x.element_count() / (B * C) : 0;
+  const float* xp = x.typed_data();
+  const float* gp = gamma.typed_data();
+  const float* bp = beta.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, B, [=](int64_t b) {
+    const float* xb = xp + b * P * C;
+    float* yb = yp + b * P * C;
+    const GroupStats st = ImageGroupStats(xb, P, C, groups, eps);
+    // per channel: y = x a + d with a = rstd gamma, d = beta - mean a
+    std::vector<float> a(C), d(C);
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = st.rstd[c] * gp[c];
+      d[c] = bp[c] - st.mean[c] * a[c];
+    }
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < C; c += kLanes) {
+        const F16 z = Load(xb + p * C + c) * Load(a.data() + c) + Load(d.data() + c);
+        Store(yb + p * C + c, silu ? z * Sigmoid(z) : z);
+      }
+  });
+  return ffi::Error::Success();
+}
+
+// With z = xhat gamma + beta and dz = g act'(z): dgamma = sum dz xhat, dbeta = sum dz (over images and pixels),
+// dx = rstd (dxhat - mean_group(dxhat) - xhat mean_group(dxhat xhat)) with dxhat = dz gamma.
+ffi::Error GroupNormGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                         ffi::Buffer<ffi::F32> beta, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx,
+                         ffi::ResultBuffer<ffi::F32> dgamma, ffi::ResultBuffer<ffi::F32> dbeta, int64_t groups,
+                         float eps, bool silu) {
+  auto xd = x.dimensions();
+  if (auto err = CheckGroupNorm(xd, gamma.element_count(), beta.element_count(), groups); err.failure()) return err;
+  if (g.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("gen_jax group_norm grad: x and its cotangent differ in size");
+  const int64_t B = xd[0], C = xd[xd.size() - 1], P = B ? x.element_count() / (B * C) : 0, cg = C / groups;
+  const float* xp = x.typed_data();
+  const float* gam = gamma.typed_data();
+  const float* bet = beta.typed_data();
+  const float* gp = g.typed_data();
+  float* dxp = dx->typed_data();
+  std::vector<float> partial(2 * B * C, 0.f);  // [B, 2, C]: dgamma, dbeta of each image
+  float* pp = partial.data();
+  ParallelFor(pool, B, [=](int64_t b) {
+    const float* xb = xp + b * P * C;
+    const float* gb = gp + b * P * C;
+    float* db = dxp + b * P * C;
+    float* pg = pp + 2 * b * C;
+    float* pb = pg + C;
+    const GroupStats st = ImageGroupStats(xb, P, C, groups, eps);
+    // dz is kept in the output buffer between the passes
+    std::vector<float> s1(C, 0.f), s2(C, 0.f);  // per channel: sum dxhat xhat, sum dxhat
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < C; c += kLanes) {
+        const F16 xhat = (Load(xb + p * C + c) - Load(st.mean.data() + c)) * Load(st.rstd.data() + c);
+        F16 dz = Load(gb + p * C + c);
+        if (silu) {
+          const F16 z = xhat * Load(gam + c) + Load(bet + c), sg = Sigmoid(z);
+          dz = dz * (sg + z * sg * (1.f - sg));
+        }
+        Store(db + p * C + c, dz);
+        Store(pg + c, Load(pg + c) + dz * xhat);
+        Store(pb + c, Load(pb + c) + dz);
+        const F16 dxhat = dz * Load(gam + c);
+        Store(s1.data() + c, Load(s1.data() + c) + dxhat * xhat);
+        Store(s2.data() + c, Load(s2.data() + c) + dxhat);
+      }
+    const float n = static_cast<float>(P * cg);
+    std::vector<float> m1(C), m2(C);
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      float a = 0.f, c2 = 0.f;
+      for (int64_t c = grp * cg; c < (grp + 1) * cg; ++c) a += s1[c], c2 += s2[c];
+      for (int64_t c = grp * cg; c < (grp + 1) * cg; ++c) m1[c] = a / n, m2[c] = c2 / n;
+    }
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < C; c += kLanes) {
+        const F16 rstd = Load(st.rstd.data() + c);
+        const F16 xhat = (Load(xb + p * C + c) - Load(st.mean.data() + c)) * rstd;
+        const F16 dxhat = Load(db + p * C + c) * Load(gam + c);
+        Store(db + p * C + c, rstd * (dxhat - Load(m2.data() + c) - xhat * Load(m1.data() + c)));
+      }
+  });
+  float* dg = dgamma->typed_data();
+  float* dbt = dbeta->typed_data();
+  std::fill(dg, dg + C, 0.f);
+  std::fill(dbt, dbt + C, 0.f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      dg[c] += pp[2 * b * C + c];
+      dbt[c] += pp[(2 * b + 1) * C + c];
+    }
+  return ffi::Error::Success();
+}
+
 // Checks the shapes; rows() calls fn(row of x, row of mask) for every row, in parallel chunks.
 template <typename RowFn>
 ffi::Error ForEachSoftmaxRow(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> md,
@@ -465,3 +611,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxLayerNormGradF32, LayerNormGrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxGroupNormF32, GroupNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("eps")
+                                  .Attr<bool>("silu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxGroupNormGradF32, GroupNormGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("eps")
+                                  .Attr<bool>("silu"));

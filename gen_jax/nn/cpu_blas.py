@@ -1,24 +1,29 @@
-"""float32 matrix products on CPU through a CBLAS sgemm (Intel MKL), as XLA FFI custom calls.
+"""float32 matrix products on CPU through a CBLAS sgemm (Intel MKL), and fused attention softmax and LayerNorm
+kernels, as XLA FFI custom calls.
 
 Why: on the x86 CPUs we measured, MKL's single-precision GEMM is 10-30% faster than the kernels XLA:CPU
 emits for the same dense-layer products, and up to 4x faster for the kernel gradient of 3x3 convolutions
 with 32 or more channels (benchmarks/RESULTS.md, "MKL products"). PyTorch's CPU build calls MKL; with this module so do our dense
-layers (`gen_jax.nn.dense`) and convolution kernel gradients (`gen_jax.nn.conv`) on CPU.
+layers (`gen_jax.nn.dense`) and convolution kernel gradients (`gen_jax.nn.conv`) on CPU. XLA:CPU also makes
+several passes over memory for a masked softmax or a LayerNorm and their gradients; `attention_softmax` and
+`layer_norm` make one each way (row by row in L1, vectorized with GCC vector extensions), which took 4.6% and
+3-4% off RoFormer's encoder step (benchmarks/RESULTS.md, "Fused softmax and LayerNorm").
 
-How: `cpu_blas.cc` is compiled with the system C++ compiler on first use (about 2 s; cached under
-`$GEN_JAX_CACHE/cpu_blas/`) and registered as XLA FFI targets for the CPU platform. It receives the address of
+How: `cpu_blas.cc` is compiled with the system C++ compiler on first use (about 3 s, `-O3 -march=native`;
+cached under `$GEN_JAX_CACHE/cpu_blas/`, keyed by the source, jaxlib and the CPU's model and flags) and
+registered as XLA FFI targets for the CPU platform. It receives the address of
 `cblas_sgemm` from the BLAS library loaded here: MKL's `libmkl_rt` from the `mkl` wheel (the `mkl` extra,
 included in `test`), set to its sequential layer, or any CBLAS library named by `$GEN_JAX_CPU_BLAS_LIB`. The
-custom calls split their work over XLA's intra-op thread pool, so the products use as many cores as XLA's own.
+custom calls split their work over XLA's intra-op thread pool, so they use as many cores as XLA's own ops.
 
-When it is used (`enabled()`): float32 operands, the CPU backend with a single device in a single process (the
-custom calls carry no sharding rule, so sharded programs keep XLA's products), a BLAS library and a compiler
+When they are used (`enabled()`): float32 operands, the CPU backend with a single device in a single process
+(the custom calls carry no sharding rule, so sharded programs keep XLA's ops), a BLAS library and a compiler
 found, and `$GEN_JAX_CPU_BLAS` not set to 0 (`force` also uses them with several devices). Otherwise callers
-fall back to XLA's products: results agree to float32 rounding either way. `status()` says which case applies.
+fall back to XLA: results agree to float32 rounding either way. `status()` says which case applies.
 
-Both are differentiable in reverse mode to any order (`jax.custom_vjp`: the products' VJPs are products again;
-the convolution kernel gradient's VJP is XLA's). Forward mode (`jax.jvp`) is not supported, as for every
-custom-VJP function: set `$GEN_JAX_CPU_BLAS=0` for programs that need it.
+All are differentiable in reverse mode to any order (`jax.custom_vjp`: the products' VJPs are products again;
+the other kernels' gradients are custom calls too, and their own VJPs are XLA's). Forward mode (`jax.jvp`)
+is not supported, as for every custom-VJP function: set `$GEN_JAX_CPU_BLAS=0` for programs that need it.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["enabled", "status", "matmul", "conv_kernel_grad", "attention_softmax", "layer_norm", "ENV_SWITCH", "ENV_LIBRARY"]
+__all__ = ["enabled", "status", "matmul", "conv_kernel_grad", "attention_softmax", "layer_norm", "group_norm", "ENV_SWITCH", "ENV_LIBRARY"]
 
 ENV_SWITCH = "GEN_JAX_CPU_BLAS"  # 0: off; auto (default): on a single CPU device; force: on any CPU device count
 ENV_LIBRARY = "GEN_JAX_CPU_BLAS_LIB"  # path of a shared library exporting cblas_sgemm (default: MKL's mkl_rt)
@@ -48,6 +53,8 @@ _CONV_KGRAD = "gen_jax_cpu_blas_conv_kernel_grad_f32"
 _SOFTMAX = "gen_jax_cpu_softmax_f32"
 _SOFTMAX_GRAD = "gen_jax_cpu_softmax_grad_f32"
 _LAYER_NORM = "gen_jax_cpu_layer_norm_f32"
+_GROUP_NORM = "gen_jax_cpu_group_norm_f32"
+_GROUP_NORM_GRAD = "gen_jax_cpu_group_norm_grad_f32"
 _LAYER_NORM_GRAD = "gen_jax_cpu_layer_norm_grad_f32"
 
 _lock = threading.Lock()
@@ -142,6 +149,9 @@ def _init() -> dict:
             jax.ffi.register_ffi_target(_SOFTMAX, jax.ffi.pycapsule(lib.GenJaxSoftmaxF32), platform="cpu")
             jax.ffi.register_ffi_target(_SOFTMAX_GRAD, jax.ffi.pycapsule(lib.GenJaxSoftmaxGradF32), platform="cpu")
             jax.ffi.register_ffi_target(_LAYER_NORM, jax.ffi.pycapsule(lib.GenJaxLayerNormF32), platform="cpu")
+            jax.ffi.register_ffi_target(_GROUP_NORM, jax.ffi.pycapsule(lib.GenJaxGroupNormF32), platform="cpu")
+            jax.ffi.register_ffi_target(_GROUP_NORM_GRAD, jax.ffi.pycapsule(lib.GenJaxGroupNormGradF32),
+                                        platform="cpu")
             jax.ffi.register_ffi_target(_LAYER_NORM_GRAD, jax.ffi.pycapsule(lib.GenJaxLayerNormGradF32),
                                         platform="cpu")
         except (OSError, AttributeError) as e:
@@ -421,3 +431,74 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     if not enabled(x, scale, bias) or d == 0 or d % 16 or x.size == 0:
         return _xla_layer_norm(x, scale, bias, eps)
     return _layer_norm_call(x, scale, bias, float(eps))
+
+
+def _xla_group_norm(x, scale, bias, groups, eps, silu):
+    """GroupNorm over all axes but the batch's within each group of channels (two-pass variance), then SiLU."""
+    shape = x.shape
+    xg = x.reshape(shape[0], -1, groups, shape[-1] // groups)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    z = ((xg - mean) * lax.rsqrt(var + jnp.asarray(eps, x.dtype))).reshape(shape) * scale + bias
+    return z * jax.nn.sigmoid(z) if silu else z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm_call(x, scale, bias, groups, eps, silu):
+    call = jax.ffi.ffi_call(_GROUP_NORM, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
+    return call(x, scale, bias, groups=np.int64(groups), eps=np.float32(eps), silu=bool(silu))
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps, silu):
+    return _group_norm_call(x, scale, bias, groups, eps, silu), (x, scale, bias)
+
+
+def _group_norm_bwd(groups, eps, silu, res, g):
+    return _group_norm_grad_call(*res, g, groups, eps, silu)
+
+
+_group_norm_call.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def _xla_group_norm_vjp(x, scale, bias, g, groups, eps, silu):
+    return jax.vjp(lambda x, s, b: _xla_group_norm(x, s, b, groups, eps, silu), x, scale, bias)[1](g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _group_norm_grad_call(x, scale, bias, g, groups, eps, silu):
+    c = x.shape[-1]
+    out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32),
+           jax.ShapeDtypeStruct((c,), jnp.float32))
+    call = jax.ffi.ffi_call(_GROUP_NORM_GRAD, out, vmap_method="sequential")
+    return tuple(call(x, scale, bias, g, groups=np.int64(groups), eps=np.float32(eps), silu=bool(silu)))
+
+
+def _group_norm_grad_fwd(x, scale, bias, g, groups, eps, silu):
+    return _group_norm_grad_call(x, scale, bias, g, groups, eps, silu), (x, scale, bias, g)
+
+
+def _group_norm_grad_bwd(groups, eps, silu, res, ct):
+    # second order: XLA's VJP of the closed-form gradient
+    return jax.vjp(lambda *a: _xla_group_norm_vjp(*a, groups, eps, silu), *res)[1](ct)
+
+
+_group_norm_grad_call.defvjp(_group_norm_grad_fwd, _group_norm_grad_bwd)
+
+
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, eps: float, *,
+               silu: bool = False) -> jax.Array:
+    """GroupNorm of channels-last x [B, ..., C] (statistics over every axis but B within each of `num_groups`
+    groups of adjacent channels, two-pass variance), times scale plus bias, then SiLU if `silu`.
+
+    Where `enabled` and C is a multiple of 16: one custom call forward and one backward, each a pass per image
+    held in cache, where XLA:CPU makes several over memory; otherwise the formula in jax.numpy."""
+    if x.ndim < 2:
+        raise ValueError(f"group_norm: x [B, ..., C] expected, got shape {x.shape}")
+    c = x.shape[-1]
+    if num_groups <= 0 or c % num_groups:
+        raise ValueError(f"group_norm: {c} channels do not split into {num_groups} groups")
+    if scale.shape != (c,) or bias.shape != (c,):
+        raise ValueError(f"group_norm: scale {scale.shape} and bias {bias.shape} must be [{c}] for x {x.shape}")
+    if not enabled(x, scale, bias) or c % 16 or x.size == 0:
+        return _xla_group_norm(x, scale, bias, int(num_groups), eps, silu)
+    return _group_norm_call(x, scale, bias, int(num_groups), float(eps), bool(silu))
