@@ -30,7 +30,7 @@ def forced(monkeypatch):
 
 def _custom_call_targets(f, *args):
     text = jax.jit(f).lower(*args).as_text()
-    targets = (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD, cpu_blas._LAYER_NORM,
+    targets = (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._CONV_FWD, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD, cpu_blas._LAYER_NORM,
                cpu_blas._LAYER_NORM_GRAD, cpu_blas._GROUP_NORM, cpu_blas._GROUP_NORM_GRAD)
     return {t for t in targets if t in text}
 
@@ -403,3 +403,45 @@ def test_unet_on_fused_group_norms_has_the_outputs_and_gradients_of_xla(monkeypa
     np.testing.assert_allclose(fused_loss, xla_loss, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(xla_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5 * max(float(jnp.abs(w).max()), 1e-3))
+
+
+
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 9, 7, 24), (3, 3, 24, 40)), ((3, 5, 5, 8), (5, 5, 8, 6)),
+                                             ((1, 4, 6, 16), (1, 1, 16, 16)), ((2, 3, 3, 4), (3, 3, 4, 2))])
+def test_conv2d_same_equals_lax_with_gradients_to_second_order(x_shape, w_shape):
+    x, w, c = _rand(60, x_shape), _rand(61, w_shape) * 0.2, _rand(62, x_shape[:3] + w_shape[3:])
+
+    def lax_conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC, precision="highest")
+    assert cpu_blas._CONV_FWD in _custom_call_targets(cpu_blas.conv2d_same, x, w)
+    np.testing.assert_allclose(cpu_blas.conv2d_same(x, w), lax_conv(x, w), rtol=1e-5, atol=1e-5)
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.tanh(conv(x, w)) * c)
+    got = jax.grad(lambda x, w: loss(cpu_blas.conv2d_same, x, w), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: loss(lax_conv, x, w), (0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+    def penalty(conv):  # a gradient penalty: the input gradient differentiated again
+        return jax.grad(lambda w: jnp.sum(jax.grad(lambda x: loss(conv, x, w))(x) ** 2))(w)
+    want2 = penalty(lax_conv)
+    np.testing.assert_allclose(penalty(cpu_blas.conv2d_same), want2, rtol=1e-3, atol=1e-4 * float(jnp.abs(want2).max()))
+
+
+def test_wide_convolutions_route_forward_and_input_gradient_through_the_im2col_call():
+    from gen_jax.nn.conv import blas_conv_pays
+    wide_x, wide_w = _rand(63, (1, 4, 4, 128)), _rand(64, (3, 3, 128, 128)) * 0.05
+    narrow_x, narrow_w = _rand(65, (1, 4, 4, 32)), _rand(66, (3, 3, 32, 32)) * 0.05
+    assert blas_conv_pays(wide_w.shape) and not blas_conv_pays(narrow_w.shape)
+
+    def loss(x, w):
+        return jnp.sum(conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC) ** 2)
+    wide_hlo = jax.jit(jax.grad(loss, (0, 1))).lower(wide_x, wide_w).as_text()
+    assert wide_hlo.count(cpu_blas._CONV_FWD) >= 2  # forward and input gradient
+    assert cpu_blas._CONV_FWD not in jax.jit(jax.grad(loss, (0, 1))).lower(narrow_x, narrow_w).as_text()
+    got = jax.grad(loss, (0, 1))(wide_x, wide_w)
+    want = jax.grad(lambda x, w: jnp.sum(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC,
+                                                                  precision="highest") ** 2), (0, 1))(wide_x, wide_w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))

@@ -12,7 +12,9 @@ the input gradient stay XLA's convolutions. On other platforms (GPU, TPU) the ke
 Where `gen_jax.nn.cpu_blas` is enabled (float32 on a single CPU device with MKL installed), the convolution
 is stride 1 with "SAME" padding and an odd square kernel, and it pays (`blas_kernel_grad_pays`), the kernel
 gradient is instead one custom call: the k_h k_w products over the whole zero-padded batch in MKL's sgemm
-(28x28 64->64, batch 32, one core of an AVX-512 Xeon: XLA's backward-filter convolution 36 GFLOP/s, the call 89).
+(28x28 64->64, batch 32, one core of an AVX-512 Xeon: XLA's backward-filter convolution 36 GFLOP/s, the call 89);
+and for layers of 128 or more channels (`blas_conv_pays`) the forward convolution and the input gradient are
+`cpu_blas.conv2d_same` too (im2col tiles times the kernel in MKL: 124-136 -> 138-152 GFLOP/s).
 
 Use it through flax: `nnx.Conv(..., conv_general_dilated=gen_jax.nn.conv_general_dilated)`. Cases other
 than 2-D NHWC/HWIO convolutions without dilation or groups fall back to `lax.conv_general_dilated` entirely.
@@ -48,13 +50,19 @@ def _plain_conv(x, w, strides, pads, precision, preferred):
                                     preferred_element_type=preferred)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, w, strides, pads, precision, preferred):
+def _forward(x, w, strides, pads, precision, preferred):
+    if _blas_conv_applies(x, w, strides, pads, preferred):
+        return cpu_blas.conv2d_same(x, w)
     return _plain_conv(x, w, strides, pads, precision, preferred)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, pads, precision, preferred):
+    return _forward(x, w, strides, pads, precision, preferred)
+
+
 def _conv_fwd(x, w, strides, pads, precision, preferred):
-    return _plain_conv(x, w, strides, pads, precision, preferred), (x, w)
+    return _forward(x, w, strides, pads, precision, preferred), (x, w)
 
 
 def _kernel_grad_shifted(x, g, w_shape, strides, pads):
@@ -92,15 +100,36 @@ def blas_kernel_grad_pays(w_shape, out_spatial) -> bool:
     return kh * kw > 1 and min(c, o) >= 32 and out_spatial[0] * out_spatial[1] >= 196
 
 
-def _blas_kernel_grad_applies(x, w, strides, pads) -> bool:
+def blas_conv_pays(w_shape) -> bool:
+    """Where the tiled-im2col MKL convolution (forward and input gradient) beat XLA:CPU's (3x3, one core of the
+    AVX-512 Xeon, XLA -> MKL GFLOP/s, batch 8): 32x32 128->128 124-129 -> 140-147, 128->256 117-129 -> 138-142;
+    16x16 256->256 124-131 -> 143-149; 8x8 256->256 130-136 -> 133-152; 4x4 256->256 107 -> 140. Not below 128
+    channels (batch 32: 14x14 64->64 124-131 -> 113-129, 32->32 129 -> 108; 28x28 16->16 59 -> 55)."""
+    kh, kw, c, o = w_shape
+    return kh * kw > 1 and min(c, o) >= 128
+
+
+def _same_odd_square(w, strides, pads) -> bool:
     kh, kw = w.shape[:2]
     return (kh == kw and kh % 2 == 1 and tuple(strides) == (1, 1)
-            and tuple(pads) == ((kh // 2, kh // 2), (kh // 2, kh // 2))
-            and blas_kernel_grad_pays(w.shape, x.shape[1:3]) and cpu_blas.enabled(x, w))
+            and tuple(pads) == ((kh // 2, kh // 2), (kh // 2, kh // 2)))
+
+
+def _blas_conv_applies(x, w, strides, pads, preferred) -> bool:
+    return (_same_odd_square(w, strides, pads) and preferred in (None, jnp.float32) and blas_conv_pays(w.shape)
+            and cpu_blas.enabled(x, w))
+
+
+def _blas_kernel_grad_applies(x, w, strides, pads) -> bool:
+    return (_same_odd_square(w, strides, pads) and blas_kernel_grad_pays(w.shape, x.shape[1:3])
+            and cpu_blas.enabled(x, w))
 
 
 def _cpu_grads(x, w, g, strides, pads, precision, preferred):
-    (dx,) = jax.vjp(lambda x_: _plain_conv(x_, w, strides, pads, precision, preferred), x)[1](g)
+    if _blas_conv_applies(x, w, strides, pads, preferred):
+        dx = cpu_blas.conv2d_same(g.astype(x.dtype), jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    else:
+        (dx,) = jax.vjp(lambda x_: _plain_conv(x_, w, strides, pads, precision, preferred), x)[1](g)
     if _blas_kernel_grad_applies(x, w, strides, pads):
         return dx, cpu_blas.conv_kernel_grad(x, g.astype(x.dtype), w.shape[0])
     return dx, _kernel_grad_shifted(x, g.astype(x.dtype), w.shape, strides, pads)
@@ -143,8 +172,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     out_spatial = tuple((n + lo + hi - k) // s + 1
                         for n, (lo, hi), k, s in zip(lhs.shape[1:3], pads, rhs.shape[:2], strides))
-    if any(p < 0 for pair in pads for p in pair) or not (shifted_kernel_grad_pays(rhs.shape, out_spatial)
-                                                          or _blas_kernel_grad_applies(lhs, rhs, strides, pads)):
+    if any(p < 0 for pair in pads for p in pair) or not (
+            shifted_kernel_grad_pays(rhs.shape, out_spatial) or _blas_kernel_grad_applies(lhs, rhs, strides, pads)
+            or _blas_conv_applies(lhs, rhs, strides, pads, preferred_element_type)):
         # cropping, or a layer too narrow for the shifted products to pay: XLA's own gradient
         return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
                                         precision=precision, preferred_element_type=preferred_element_type)

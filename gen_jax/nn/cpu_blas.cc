@@ -555,6 +555,50 @@ ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffe
   });
 }
 
+// Stride-1 "SAME" k x k convolution (k odd), NHWC x [B, H, W, C], HWIO w [k, k, C, O] -> y [B, H, W, O]:
+// im2col in tiles of output rows small enough to stay in L2 (each tile's [m, k k C] patch matrix is built
+// and multiplied at once: y[tile] = patches @ w viewed as [k k C, O]), so the patch matrix never goes to memory.
+// The input gradient is this convolution of g with the flipped, transposed kernel (built by the caller).
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  if (g_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "gen_jax cpu_blas: no sgemm set");
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: NHWC input and HWIO kernel expected");
+  const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], k = wd[0], O = wd[3];
+  if (wd[1] != k || k % 2 != 1 || wd[2] != C || yd[0] != B || yd[1] != H || yd[2] != W || yd[3] != O)
+    return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: shapes do not match a stride-1 SAME odd-k conv");
+  const int64_t p = k / 2, K = k * k * C, rows = B * H * W;
+  if (rows == 0 || O == 0) return ffi::Error::Success();
+  const int64_t tile = std::min<int64_t>(std::max<int64_t>(16, ((int64_t{1} << 18) / K) / 16 * 16), 1024);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, (rows + tile - 1) / tile, [=](int64_t t) {
+    thread_local std::vector<float> patches;
+    patches.resize(tile * K);
+    const int64_t r0 = t * tile, m = std::min(tile, rows - r0);
+    for (int64_t r = r0; r < r0 + m; ++r) {
+      const int64_t b = r / (H * W), h = (r / W) % H, c0 = r % W;
+      float* dst = patches.data() + (r - r0) * K;
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t hh = h + i - p;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t ww = c0 + j - p;
+          float* d = dst + (i * k + j) * C;
+          if (hh < 0 || hh >= H || ww < 0 || ww >= W)
+            std::memset(d, 0, sizeof(float) * C);
+          else
+            std::memcpy(d, xp + ((b * H + hh) * W + ww) * C, sizeof(float) * C);
+        }
+      }
+    }
+    g_sgemm(kRowMajor, kNoTrans, kNoTrans, (int)m, (int)O, (int)K, 1.f, patches.data(), (int)K, wp, (int)O, 0.f,
+            yp + r0 * O, (int)O);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 extern "C" void gen_jax_cpu_blas_set_sgemm(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
@@ -636,3 +680,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxGroupNormGradF32, GroupNormGrad,
                                   .Attr<int64_t>("groups")
                                   .Attr<float>("eps")
                                   .Attr<bool>("silu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxConvForwardF32, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
