@@ -1,13 +1,14 @@
 """DDPM speed on this machine, ours (JAX) vs the PyTorch peers, every ratio measured in one run (issue 3).
 
-1. Train-step throughput (images/s; forward + backward + global-norm clip + Adam; median of --repeats steps
-   after --warmup) of our U-Net (`gen_jax.ddpm.training.make_loss_fn` + `gen_jax.train.make_update_fn`,
+1. Train-step throughput (images/s; forward + backward + global-norm clip + Adam; median of --repeats rounds
+   after --warmup rounds, each round one step of every side, so that the machine's drift hits all alike) of our U-Net (`gen_jax.ddpm.training.make_loss_fn` + `gen_jax.train.make_update_fn`,
    one jitted, state-donating call) vs diffusers' `UNet2DModel` built with the same layout
    (`DDPMScheduler.add_noise`, MSE on eps, the usual diffusers training loop) and, when it imports,
    `denoising-diffusion-pytorch`'s `Unet` at the nearest config (its layout differs: 2 res blocks per level,
    linear attention at every other level, RMSNorm; its parameter count is reported).
 2. Sampling a batch at the MNIST config: 1000-step ancestral and 50-step DDIM, ours one compiled `lax.scan`
-   (`make_sampler`) vs diffusers' `DDPMScheduler` / `DDIMScheduler` step loop under `torch.no_grad()`.
+   (`make_sampler`) vs diffusers' `DDPMScheduler` / `DDIMScheduler` step loop under `torch.no_grad()`, the
+   --sample-repeats runs of the two sides interleaved.
    `--sample-steps K` times only K steps of each and extrapolates (the output says so).
 3. The fraction of this machine's float32 matmul roof (`benchmarks.roofline.measure_matmul_peak`, measured
    in the same run) that our train step reaches, with FLOPs from XLA's `cost_analysis()` of the compiled step.
@@ -112,18 +113,6 @@ def lucidrains_unet_kwargs(cfg: DDPMConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def median_step_seconds(step: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-
 def timed_interleaved(steps: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> dict:
     """{name: median wall and process-CPU seconds per step, and the wall times} over `rounds` rounds that call
     each step once, after `warmup` such rounds: this shared machine's drifts (~10% over minutes) hit all alike."""
@@ -178,26 +167,27 @@ def ours_train_setup(cfg: DDPMConfig, batch: int, *, ema: bool, seed: int = 0) -
     return update_fn, state, {"image": jax.device_put(images, device)}
 
 
-def ours_train(cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *, ema: bool, seed: int = 0) -> dict:
+def ours_train_prepare(cfg: DDPMConfig, batch: int, *, ema: bool, seed: int = 0) -> tuple[Callable, dict]:
+    """(step, info): one compiled train step of ours (waited for), and its parameter count, compile seconds and
+    XLA FLOP count."""
     update_fn, state, data = ours_train_setup(cfg, batch, ema=ema, seed=seed)
     t0 = time.perf_counter()
     compiled = jax.jit(update_fn, donate_argnums=0).lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     flops = _xla_flops_of(update_fn, state, data)
-
+    info = {"params": count_params(state.params), "compile_s": compile_s, "flops_per_step": flops}
     box = [state]
 
     def step():
         box[0], metrics = compiled(box[0], data)
         jax.block_until_ready((box[0], metrics))
 
-    sec, times = median_step_seconds(step, warmup, repeats)
-    return {"params": count_params(state.params), "step_s": sec, "images_per_s": batch / sec,
-            "step_times_s": times, "compile_s": compile_s, "flops_per_step": flops}
+    return step, info
 
 
-def _torch_train_loop(model: Any, forward: Callable, cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *,
-                      ema: bool, compile_model: bool, seed: int = 0) -> dict:
+def _torch_train_prepare(model: Any, forward: Callable, cfg: DDPMConfig, batch: int, *, ema: bool,
+                         compile_model: bool, seed: int = 0) -> tuple[Callable, dict]:
+    """(step, info): one train step of a PyTorch U-Net (noise, loss, backward, clip, Adam, EMA) and its info."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -229,19 +219,18 @@ def _torch_train_loop(model: Any, forward: Callable, cfg: DDPMConfig, batch: int
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - EMA_DECAY)
 
-    sec, times = median_step_seconds(step, warmup, repeats)
-    return {"params": n_params, "step_s": sec, "images_per_s": batch / sec, "step_times_s": times, "adam": adam}
+    return step, {"params": n_params, "adam": adam}
 
 
-def diffusers_train(cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *, ema: bool,
-                    compile_model: bool = False) -> dict:
+def diffusers_train_prepare(cfg: DDPMConfig, batch: int, *, ema: bool,
+                            compile_model: bool = False) -> tuple[Callable, dict]:
     import torch
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
     model = UNet2DModel(**diffusers_unet_kwargs(cfg))
-    return _torch_train_loop(model, lambda m, x, t: m(x, t).sample, cfg, batch, warmup, repeats, ema=ema,
-                             compile_model=compile_model)
+    return _torch_train_prepare(model, lambda m, x, t: m(x, t).sample, cfg, batch, ema=ema,
+                                compile_model=compile_model)
 
 
 def import_lucidrains_unet() -> tuple[type | None, str]:
@@ -281,23 +270,24 @@ def import_lucidrains_unet() -> tuple[type | None, str]:
             sys.modules.pop(name, None)
 
 
-def lucidrains_train(unet_cls: type, cfg: DDPMConfig, batch: int, warmup: int, repeats: int, *, ema: bool,
-                     compile_model: bool = False) -> dict:
+def lucidrains_train_prepare(unet_cls: type, cfg: DDPMConfig, batch: int, *, ema: bool,
+                             compile_model: bool = False) -> tuple[Callable, dict]:
     import torch
 
     torch.manual_seed(0)
     kwargs = lucidrains_unet_kwargs(cfg)
     model = unet_cls(**kwargs)
-    out = _torch_train_loop(model, lambda m, x, t: m(x, t), cfg, batch, warmup, repeats, ema=ema,
-                            compile_model=compile_model)
-    out["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-    return out
+    step, info = _torch_train_prepare(model, lambda m, x, t: m(x, t), cfg, batch, ema=ema,
+                                      compile_model=compile_model)
+    info["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return step, info
 
 
 # ---------------------------------------------------------------------------------------------- sampling
 
-def ours_sampling(cfg: DDPMConfig, method: str, batch: int, steps: int, full_steps: int, repeats: int) -> dict:
-    """Seconds for `steps` steps of our compiled sampler (ancestral: a T=steps schedule, same per-step work)."""
+def ours_sampling_prepare(cfg: DDPMConfig, method: str, batch: int, steps: int) -> tuple[Callable, float]:
+    """(run, first_call_s): run(seed) samples `steps` steps with our compiled sampler (ancestral: a T=steps
+    schedule, same per-step work), waited for; the first call (compilation included) is made here."""
     if method == "ancestral":
         run_cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, timesteps=steps))
     else:
@@ -305,22 +295,16 @@ def ours_sampling(cfg: DDPMConfig, method: str, batch: int, steps: int, full_ste
     graphdef, params = nnx.split(build_unet(cfg, nnx.Rngs(0)), nnx.Param)
     sampler = make_sampler(graphdef, schedule_of(run_cfg), run_cfg, make_mesh(jax.devices()[:1]), n=batch,
                            method=method)
+    def run(seed: int):
+        return jax.block_until_ready(sampler(params, jax.random.PRNGKey(seed)))
+
     t0 = time.perf_counter()
-    sampler(params, jax.random.PRNGKey(0))
-    first_s = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        sampler(params, jax.random.PRNGKey(i + 1))
-        times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
-    return {"timed_steps": steps, "seconds": sec, "per_step_s": sec / steps, "full_steps": full_steps,
-            "full_s": sec / steps * full_steps, "first_call_s": first_s}
+    run(0)
+    return run, time.perf_counter() - t0
 
 
-def diffusers_sampling(cfg: DDPMConfig, method: str, batch: int, steps: int, full_steps: int,
-                       repeats: int) -> dict:
-    """Seconds for the first `steps` steps of diffusers' scheduler loop at `full_steps` inference steps."""
+def diffusers_sampling_prepare(cfg: DDPMConfig, method: str, batch: int, steps: int, full_steps: int) -> Callable:
+    """run(seed): the first `steps` steps of diffusers' scheduler loop at `full_steps` inference steps."""
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
@@ -349,14 +333,16 @@ def diffusers_sampling(cfg: DDPMConfig, method: str, batch: int, steps: int, ful
         return x
 
     loop(0, timesteps[:2])  # warm up (allocator, oneDNN kernels) on two steps
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        loop(i + 1, timesteps)
-        times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
-    return {"timed_steps": steps, "seconds": sec, "per_step_s": sec / steps, "full_steps": full_steps,
-            "full_s": sec / steps * full_steps}
+    return lambda seed: loop(seed, timesteps)
+
+
+def timed_sampling(runs: dict[str, Callable[[int], Any]], steps: int, full_steps: int, repeats: int) -> dict:
+    """{name: seconds for `steps` sampling steps, per step and extrapolated to `full_steps`}: the medians of
+    `repeats` rounds that run each sampler once (interleaved, so that the machine's drift hits all alike)."""
+    seeds = iter(range(1, 1_000_000))
+    timed = timed_interleaved({k: (lambda run=run: run(next(seeds))) for k, run in runs.items()}, 0, repeats)
+    return {k: {"timed_steps": steps, "seconds": t["step_s"], "per_step_s": t["step_s"] / steps,
+                "full_steps": full_steps, "full_s": t["step_s"] / steps * full_steps} for k, t in timed.items()}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -416,7 +402,9 @@ def format_report(res: dict) -> str:
              f"{m['load_avg_1_5_15']}; torch threads {m['torch_threads']}; jax {m['jax_device']}",
              speed_env_line(m["speed_env"]),
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
-             f"Settings: float32 on both sides; train median of {s['repeats']} steps after {s['warmup']} warmup; "
+             f"Settings: float32 on both sides; train: median of {s['repeats']} interleaved rounds (one step of each "
+             f"side per round) after {s['warmup']} warm-up rounds; sampling: median of {s.get('sample_repeats', 1)} "
+             f"interleaved runs; "
              f"Adam + clip {s['grad_clip']}{' + EMA' if s['ema'] else ''}; dropout as in the preset",
              f"denoising-diffusion-pytorch: {res['lucidrains_import']}"]
     load = (m["load_avg_1_5_15"] or (0.0,))[0]
@@ -482,6 +470,7 @@ def run(args: argparse.Namespace) -> dict:
     lu_cls, lu_note = (None, "skipped (--no-lucidrains)") if args.no_lucidrains else import_lucidrains_unet()
     res: dict = {"machine": machine_info(), "versions": versions(), "lucidrains_import": lu_note,
                  "settings": {"warmup": args.warmup, "repeats": args.repeats, "ema": args.ema,
+                              "sample_repeats": args.sample_repeats,
                               "torch_compile": args.torch_compile, "dtype": "float32"},
                  "train": [], "sampling": [], "roofline": None}
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
@@ -491,17 +480,23 @@ def run(args: argparse.Namespace) -> dict:
             cfg = bench_config(name)
             res["settings"]["grad_clip"] = cfg.train.grad_clip_norm
             batch = args.batch.get(name, DEFAULT_BATCH.get(name, 8))
-            say(f"[train] {name} batch {batch}: ours ...")
-            row = {"config": name, "batch": batch, "image": f"{cfg.data.image_size}x{cfg.data.image_size}x"
-                   f"{cfg.data.channels}", "ours": ours_train(cfg, batch, args.warmup, args.repeats, ema=args.ema)}
-            say(f"[train] {name}: diffusers ...")
-            row["diffusers"] = diffusers_train(cfg, batch, args.warmup, args.repeats, ema=args.ema,
-                                               compile_model=args.torch_compile)
-            row["ratio_diffusers"] = row["ours"]["images_per_s"] / row["diffusers"]["images_per_s"]
+            say(f"[train] {name} batch {batch}: compiling ours, preparing the peers ...")
+            prepared = {"ours": ours_train_prepare(cfg, batch, ema=args.ema),
+                        "diffusers": diffusers_train_prepare(cfg, batch, ema=args.ema,
+                                                             compile_model=args.torch_compile)}
             if lu_cls is not None:
-                say(f"[train] {name}: denoising-diffusion-pytorch ...")
-                row["lucidrains"] = lucidrains_train(lu_cls, cfg, batch, args.warmup, args.repeats, ema=args.ema,
-                                                     compile_model=args.torch_compile)
+                prepared["lucidrains"] = lucidrains_train_prepare(lu_cls, cfg, batch, ema=args.ema,
+                                                                  compile_model=args.torch_compile)
+            say(f"[train] {name}: timing {', '.join(prepared)} interleaved ...")
+            timed = timed_interleaved({k: step for k, (step, _) in prepared.items()}, args.warmup, args.repeats)
+            row = {"config": name, "batch": batch, "image": f"{cfg.data.image_size}x{cfg.data.image_size}x"
+                   f"{cfg.data.channels}"}
+            for k, (_, info) in prepared.items():
+                t = timed[k]
+                row[k] = {**info, "step_s": t["step_s"], "images_per_s": batch / t["step_s"],
+                          "step_times_s": t["step_times_s"], "cpu_s": t["cpu_s"]}
+            row["ratio_diffusers"] = row["ours"]["images_per_s"] / row["diffusers"]["images_per_s"]
+            if "lucidrains" in row:
                 row["ratio_lucidrains"] = row["ours"]["images_per_s"] / row["lucidrains"]["images_per_s"]
             res["train"].append(row)
 
@@ -512,10 +507,13 @@ def run(args: argparse.Namespace) -> dict:
                                     "ancestral_variance": cfg.diffusion.sample_variance, "ddim_eta": cfg.eval.ddim_eta}
         for method, full in (("ancestral", cfg.diffusion.timesteps), ("ddim", cfg.eval.ddim_steps)):
             steps = min(args.sample_steps or full, full)
-            say(f"[sample] {method}: {steps} of {full} steps, batch {args.sample_batch}: ours ...")
-            ours = ours_sampling(cfg, method, args.sample_batch, steps, full, args.sample_repeats)
-            say(f"[sample] {method}: diffusers ...")
-            peer = diffusers_sampling(cfg, method, args.sample_batch, steps, full, args.sample_repeats)
+            say(f"[sample] {method}: {steps} of {full} steps, batch {args.sample_batch}: compiling ours, "
+                "warming up diffusers ...")
+            ours_run, first_s = ours_sampling_prepare(cfg, method, args.sample_batch, steps)
+            peer_run = diffusers_sampling_prepare(cfg, method, args.sample_batch, steps, full)
+            say(f"[sample] {method}: timing both interleaved ...")
+            timed = timed_sampling({"ours": ours_run, "diffusers": peer_run}, steps, full, args.sample_repeats)
+            ours, peer = {**timed["ours"], "first_call_s": first_s}, timed["diffusers"]
             res["sampling"].append({"method": method, "ours": ours, "diffusers": peer,
                                     "ratio": peer["seconds"] / ours["seconds"]})
 
@@ -567,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--sample-batch", type=int, default=64)
     ap.add_argument("--sample-steps", type=int, default=0,
                     help="time only this many steps of each sampler and extrapolate (0: the full 1000 / 50)")
-    ap.add_argument("--sample-repeats", type=int, default=1, help="timed sampling runs after the first")
+    ap.add_argument("--sample-repeats", type=int, default=1, help="timed sampling runs of each side (interleaved) after the first")
     ap.add_argument("--roof-sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--roof-repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true",
