@@ -30,7 +30,7 @@ def forced(monkeypatch):
 
 def _custom_call_targets(f, *args):
     text = jax.jit(f).lower(*args).as_text()
-    targets = (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._CONV_FWD, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD, cpu_blas._LAYER_NORM,
+    targets = (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._CONV_FWD, cpu_blas._DIRECT_CONV, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD, cpu_blas._LAYER_NORM,
                cpu_blas._LAYER_NORM_GRAD, cpu_blas._GROUP_NORM, cpu_blas._GROUP_NORM_GRAD)
     return {t for t in targets if t in text}
 
@@ -407,13 +407,18 @@ def test_unet_on_fused_group_norms_has_the_outputs_and_gradients_of_xla(monkeypa
 
 
 @pytest.mark.parametrize("x_shape,w_shape", [((2, 9, 7, 24), (3, 3, 24, 40)), ((3, 5, 5, 8), (5, 5, 8, 6)),
-                                             ((1, 4, 6, 16), (1, 1, 16, 16)), ((2, 3, 3, 4), (3, 3, 4, 2))])
+                                             ((1, 4, 6, 16), (1, 1, 16, 16)), ((2, 3, 3, 4), (3, 3, 4, 2)),
+                                             ((2, 11, 13, 16), (3, 3, 16, 32)), ((2, 6, 5, 1), (5, 5, 1, 48)),
+                                             ((3, 9, 10, 3), (3, 3, 3, 64))])
 def test_conv2d_same_equals_lax_with_gradients_to_second_order(x_shape, w_shape):
+    """Both kernels: im2col (wide or odd shapes) and direct (<= 16 inputs, 16-64 outputs; rows of 13, 5 and
+    10 pixels end inside a block of 8, and the input gradient of a 16 -> 32 layer is a 32 -> 16 im2col one)."""
     x, w, c = _rand(60, x_shape), _rand(61, w_shape) * 0.2, _rand(62, x_shape[:3] + w_shape[3:])
 
     def lax_conv(x, w):
         return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC, precision="highest")
-    assert cpu_blas._CONV_FWD in _custom_call_targets(cpu_blas.conv2d_same, x, w)
+    direct = cpu_blas.direct_conv_fits(w_shape[2], w_shape[3])
+    assert (cpu_blas._DIRECT_CONV if direct else cpu_blas._CONV_FWD) in _custom_call_targets(cpu_blas.conv2d_same, x, w)
     np.testing.assert_allclose(cpu_blas.conv2d_same(x, w), lax_conv(x, w), rtol=1e-5, atol=1e-5)
 
     def loss(conv, x, w):
@@ -429,8 +434,9 @@ def test_conv2d_same_equals_lax_with_gradients_to_second_order(x_shape, w_shape)
     np.testing.assert_allclose(penalty(cpu_blas.conv2d_same), want2, rtol=1e-3, atol=1e-4 * float(jnp.abs(want2).max()))
 
 
-def test_wide_convolutions_route_forward_and_input_gradient_through_the_im2col_call():
+def test_wide_and_narrow_convolutions_route_through_the_custom_calls():
     from gen_jax.nn.conv import blas_conv_pays
+    assert blas_conv_pays((3, 3, 16, 16)) and blas_conv_pays((3, 3, 1, 32)) and not blas_conv_pays((3, 3, 32, 16))
     wide_x, wide_w = _rand(63, (1, 4, 4, 128)), _rand(64, (3, 3, 128, 128)) * 0.05
     narrow_x, narrow_w = _rand(65, (1, 4, 4, 32)), _rand(66, (3, 3, 32, 32)) * 0.05
     assert blas_conv_pays(wide_w.shape) and not blas_conv_pays(narrow_w.shape)

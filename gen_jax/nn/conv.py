@@ -13,8 +13,9 @@ Where `gen_jax.nn.cpu_blas` is enabled (float32 on a single CPU device with MKL 
 is stride 1 with "SAME" padding and an odd square kernel, and it pays (`blas_kernel_grad_pays`), the kernel
 gradient is instead one custom call: the k_h k_w products over the whole zero-padded batch in MKL's sgemm
 (28x28 64->64, batch 32, one core of an AVX-512 Xeon: XLA's backward-filter convolution 36 GFLOP/s, the call 89);
-and for layers of 128 or more channels (`blas_conv_pays`) the forward convolution and the input gradient are
-`cpu_blas.conv2d_same` too (im2col tiles times the kernel in MKL: 124-136 -> 138-152 GFLOP/s).
+and where it pays (`blas_conv_pays`: 128 or more channels, or at most 16 inputs) the forward convolution and
+the input gradient are `cpu_blas.conv2d_same` (im2col tiles times the kernel in MKL, or a direct kernel for the
+narrow layers XLA:CPU runs slowest: 124-136 -> 138-152 GFLOP/s, 28x28 16->16 50 -> 91).
 
 Use it through flax: `nnx.Conv(..., conv_general_dilated=gen_jax.nn.conv_general_dilated)`. Cases other
 than 2-D NHWC/HWIO convolutions without dilation or groups fall back to `lax.conv_general_dilated` entirely.
@@ -101,12 +102,13 @@ def blas_kernel_grad_pays(w_shape, out_spatial) -> bool:
 
 
 def blas_conv_pays(w_shape) -> bool:
-    """Where the tiled-im2col MKL convolution (forward and input gradient) beat XLA:CPU's (3x3, one core of the
-    AVX-512 Xeon, XLA -> MKL GFLOP/s, batch 8): 32x32 128->128 124-129 -> 140-147, 128->256 117-129 -> 138-142;
-    16x16 256->256 124-131 -> 143-149; 8x8 256->256 130-136 -> 133-152; 4x4 256->256 107 -> 140. Not below 128
-    channels (batch 32: 14x14 64->64 124-131 -> 113-129, 32->32 129 -> 108; 28x28 16->16 59 -> 55)."""
+    """Where `cpu_blas.conv2d_same` beat XLA:CPU's convolution (3x3, one core of the AVX-512 Xeon, XLA -> ours
+    GFLOP/s). Tiled im2col in MKL, batch 8: 32x32 128->128 124-129 -> 140-147, 128->256 117-129 -> 138-142;
+    16x16 256->256 124-131 -> 143-149; 8x8 256->256 130-136 -> 133-152; 4x4 256->256 107 -> 140; but not below
+    128 channels (batch 32: 14x14 64->64 124-131 -> 113-129, 32->32 129 -> 108). The direct kernel, batch 64:
+    28x28 16->16 50 -> 91, 1->16 6 -> 43 (`cpu_blas.direct_conv_fits`); equal from 32 input channels on."""
     kh, kw, c, o = w_shape
-    return kh * kw > 1 and min(c, o) >= 128
+    return kh * kw > 1 and (min(c, o) >= 128 or cpu_blas.direct_conv_fits(c, o))
 
 
 def _same_odd_square(w, strides, pads) -> bool:
@@ -115,9 +117,12 @@ def _same_odd_square(w, strides, pads) -> bool:
             and tuple(pads) == ((kh // 2, kh // 2), (kh // 2, kh // 2)))
 
 
-def _blas_conv_applies(x, w, strides, pads, preferred) -> bool:
-    return (_same_odd_square(w, strides, pads) and preferred in (None, jnp.float32) and blas_conv_pays(w.shape)
-            and cpu_blas.enabled(x, w))
+def _blas_conv_applies(x, w, strides, pads, preferred, *, input_grad: bool = False) -> bool:
+    """Whether conv2d_same runs this layer's forward (or, `input_grad`, its input gradient: the conv with C and
+    O swapped)."""
+    kh, kw, c, o = w.shape
+    return (_same_odd_square(w, strides, pads) and preferred in (None, jnp.float32)
+            and blas_conv_pays((kh, kw, o, c) if input_grad else (kh, kw, c, o)) and cpu_blas.enabled(x, w))
 
 
 def _blas_kernel_grad_applies(x, w, strides, pads) -> bool:
@@ -126,13 +131,18 @@ def _blas_kernel_grad_applies(x, w, strides, pads) -> bool:
 
 
 def _cpu_grads(x, w, g, strides, pads, precision, preferred):
-    if _blas_conv_applies(x, w, strides, pads, preferred):
+    if _blas_conv_applies(x, w, strides, pads, preferred, input_grad=True):
+        # dx = the SAME conv of g with the flipped kernel, C and O swapped
         dx = cpu_blas.conv2d_same(g.astype(x.dtype), jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
     else:
         (dx,) = jax.vjp(lambda x_: _plain_conv(x_, w, strides, pads, precision, preferred), x)[1](g)
     if _blas_kernel_grad_applies(x, w, strides, pads):
         return dx, cpu_blas.conv_kernel_grad(x, g.astype(x.dtype), w.shape[0])
-    return dx, _kernel_grad_shifted(x, g.astype(x.dtype), w.shape, strides, pads)
+    if shifted_kernel_grad_pays(w.shape, g.shape[1:3]):
+        return dx, _kernel_grad_shifted(x, g.astype(x.dtype), w.shape, strides, pads)
+    # a layer routed here for its forward only (a narrow one): XLA's backward-filter convolution
+    (dw,) = jax.vjp(lambda w_: _plain_conv(x, w_, strides, pads, precision, preferred), w)[1](g)
+    return dx, dw
 
 
 def _xla_grads(x, w, g, strides, pads, precision, preferred):
@@ -174,7 +184,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                         for n, (lo, hi), k, s in zip(lhs.shape[1:3], pads, rhs.shape[:2], strides))
     if any(p < 0 for pair in pads for p in pair) or not (
             shifted_kernel_grad_pays(rhs.shape, out_spatial) or _blas_kernel_grad_applies(lhs, rhs, strides, pads)
-            or _blas_conv_applies(lhs, rhs, strides, pads, preferred_element_type)):
+            or _blas_conv_applies(lhs, rhs, strides, pads, preferred_element_type)
+            or _blas_conv_applies(lhs, rhs, strides, pads, preferred_element_type, input_grad=True)):
         # cropping, or a layer too narrow for the shifted products to pay: XLA's own gradient
         return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
                                         precision=precision, preferred_element_type=preferred_element_type)

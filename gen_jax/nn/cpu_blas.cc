@@ -599,6 +599,68 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// Direct stride-1 "SAME" k x k convolution for narrow layers (O = 16 OV output channels, OV <= 4): each image is
+// copied zero-padded into a thread-local buffer; for a block of PB output pixels the PB x OV accumulator vectors
+// stay in registers while every tap and input channel adds x (broadcast) times the kernel's O-vector.
+template <int OV, int PB>
+void DirectConvImage(const float* xpad, const float* w, float* y, int64_t H, int64_t W, int64_t C, int64_t k) {
+  const int64_t Wp = W + k - 1, O = OV * kLanes;
+  for (int64_t h = 0; h < H; ++h) {
+    int64_t w0 = 0;
+    for (; w0 < W; w0 += PB) {
+      const int64_t pb_n = std::min<int64_t>(PB, W - w0);
+      F16 acc[PB][OV] = {};
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j) {
+          const float* xrow = xpad + ((h + i) * Wp + w0 + j) * C;
+          const float* wt = w + (i * k + j) * C * O;
+          for (int64_t c = 0; c < C; ++c) {
+            F16 wv[OV];
+            for (int v = 0; v < OV; ++v) wv[v] = Load(wt + c * O + v * kLanes);
+            for (int pb = 0; pb < PB; ++pb) {
+              const float xs = xrow[pb * C + c];  // past the row end only in padding or the next row: unused
+              for (int v = 0; v < OV; ++v) acc[pb][v] += xs * wv[v];
+            }
+          }
+        }
+      for (int64_t pb = 0; pb < pb_n; ++pb)
+        for (int v = 0; v < OV; ++v) Store(y + (h * W + w0 + pb) * O + v * kLanes, acc[pb][v]);
+    }
+  }
+}
+
+ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("gen_jax direct conv: NHWC input and HWIO kernel expected");
+  const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], k = wd[0], O = wd[3];
+  if (wd[1] != k || k % 2 != 1 || wd[2] != C || yd[0] != B || yd[1] != H || yd[2] != W || yd[3] != O)
+    return ffi::Error::InvalidArgument("gen_jax direct conv: shapes do not match a stride-1 SAME odd-k conv");
+  if (O % kLanes != 0 || O > 4 * kLanes)
+    return ffi::Error::InvalidArgument("gen_jax direct conv: output channels must be 16, 32, 48 or 64");
+  const int64_t p = k / 2, Hp = H + 2 * p, Wp = W + 2 * p;
+  constexpr int kPB = 8;
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, B, [=](int64_t b) {
+    thread_local std::vector<float> xpad;
+    // kPB extra pixels: the last block of a row may read past the row's end (those sums are not stored)
+    xpad.assign((Hp * Wp + kPB) * C, 0.f);
+    for (int64_t h = 0; h < H; ++h)
+      std::memcpy(xpad.data() + ((h + p) * Wp + p) * C, xp + (b * H + h) * W * C, sizeof(float) * W * C);
+    float* yb = yp + b * H * W * O;
+    switch (O / kLanes) {
+      case 1: DirectConvImage<1, kPB>(xpad.data(), wp, yb, H, W, C, k); break;
+      case 2: DirectConvImage<2, kPB>(xpad.data(), wp, yb, H, W, C, k); break;
+      case 3: DirectConvImage<3, kPB>(xpad.data(), wp, yb, H, W, C, k); break;
+      default: DirectConvImage<4, kPB>(xpad.data(), wp, yb, H, W, C, k); break;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 extern "C" void gen_jax_cpu_blas_set_sgemm(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
@@ -682,6 +744,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxGroupNormGradF32, GroupNormGrad,
                                   .Attr<bool>("silu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxConvForwardF32, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxDirectConvF32, DirectConv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
