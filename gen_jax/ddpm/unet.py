@@ -96,9 +96,9 @@ class _Norm(nnx.Module):
         """GroupNorm, then SiLU if `silu`: on one CPU device a fused custom call each way (cpu_blas.group_norm;
         XLA:CPU's GroupNorm of narrow layers makes several passes), else flax's GroupNorm."""
         x = x.astype(jnp.float32)
-        scale, bias = self.norm.scale[...], self.norm.bias[...]
-        if x.shape[-1] % 16 == 0 and cpu_blas.enabled(x, scale, bias):
-            y = cpu_blas.group_norm(x, scale, bias, self.norm.num_groups, self.norm.epsilon, silu=silu)
+        scale, bias = self.norm.scale, self.norm.bias  # both present: built with use_scale, use_bias
+        if scale is not None and bias is not None and x.shape[-1] % 16 == 0 and cpu_blas.enabled(x):
+            y = cpu_blas.group_norm(x, scale[...], bias[...], self.norm.num_groups, self.norm.epsilon, silu=silu)
         else:
             y = self.norm(x)
             y = nnx.silu(y) if silu else y

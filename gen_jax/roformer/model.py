@@ -140,9 +140,10 @@ def _norm(dim: int, cfg: RoFormerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def _layer_norm(norm: nnx.LayerNorm, x):
     """`norm(x)`; on one CPU device in float32, a fused custom call (cpu_blas.layer_norm: one pass forward and
     one backward, against XLA's several)."""
-    scale, bias = norm.scale[...], norm.bias[...]
-    if norm.dtype is None and cpu_blas.enabled(x, scale, bias) and x.shape[-1] % 16 == 0:
-        return cpu_blas.layer_norm(x, scale, bias, norm.epsilon)
+    scale, bias = norm.scale, norm.bias
+    if (scale is not None and bias is not None and norm.dtype is None and x.shape[-1] % 16 == 0
+            and cpu_blas.enabled(x, scale[...], bias[...])):
+        return cpu_blas.layer_norm(x, scale[...], bias[...], norm.epsilon)
     return norm(x)
 
 
