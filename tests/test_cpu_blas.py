@@ -120,7 +120,8 @@ def test_other_dtypes_and_the_off_switch_keep_xla_products(monkeypatch):
         cpu_blas.enabled(a, b)
 
 
-@pytest.mark.parametrize("shape,k", [((2, 5, 7, 3), 3), ((3, 9, 6, 16), 5), ((1, 1, 1, 2), 3), ((4, 8, 8, 64), 3)])
+@pytest.mark.parametrize("shape,k", [((2, 5, 7, 3), 3), ((3, 9, 6, 16), 5), ((1, 1, 1, 2), 3), ((4, 8, 8, 64), 3),
+                                     ((8, 16, 16, 32), 3)])  # the last: several row tiles and workers
 def test_conv_kernel_grad_equals_xla_backward_filter(shape, k):
     x = _rand(10, shape)
     out = 5 if shape[3] < 64 else 64

@@ -11,8 +11,8 @@ the input gradient stay XLA's convolutions. On other platforms (GPU, TPU) the ke
 
 Where `gen_jax.nn.cpu_blas` is enabled (float32 on a single CPU device with MKL installed), the convolution
 is stride 1 with "SAME" padding and an odd square kernel, and it pays (`blas_kernel_grad_pays`), the kernel
-gradient is instead one custom call: the k_h k_w products over the whole zero-padded batch in MKL's sgemm
-(28x28 64->64, batch 32, one core of an AVX-512 Xeon: XLA's backward-filter convolution 36 GFLOP/s, the call 89);
+gradient is instead one custom call: im2col tiles of the input times the output gradient in MKL's sgemm
+(32x32 128->128, batch 8, one core of an AVX-512 Xeon: XLA's backward-filter convolution 31 GFLOP/s, the call 137);
 and where it pays (`blas_conv_pays`: 128 or more channels, or at most 16 inputs) the forward convolution and
 the input gradient are `cpu_blas.conv2d_same` (im2col tiles times the kernel in MKL, or a direct kernel for the
 narrow layers XLA:CPU runs slowest: 124-136 -> 138-152 GFLOP/s, 28x28 16->16 50 -> 91).
@@ -92,13 +92,13 @@ def shifted_kernel_grad_pays(w_shape, out_spatial) -> bool:
 
 
 def blas_kernel_grad_pays(w_shape, out_spatial) -> bool:
-    """Where the MKL kernel gradient beat XLA:CPU's backward-filter conv (3x3, batch 32 unless noted, one core
-    of the AVX-512 Xeon, XLA -> MKL GFLOP/s): 28x28 32->32 34 -> 73, 64->64 36 -> 89; 16x16 64->64 66 -> 105;
-    14x14 32->32 102 -> 107, 64->64 77 -> 101, 128->128 83 -> 124; 32x32 128->128 (batch 8) 35 -> 153. Not at
-    7x7, where padding is 65% of the rows (32->32 121 -> 92, 128->128 133 -> 84), nor for 16 or fewer channels
-    (28x28 16->16 45 -> 43, 1->16 21 -> 13). So: at least 32 input and output channels and 14x14 outputs."""
+    """Where the MKL kernel gradient (im2col tiles, `cpu_blas.conv_kernel_grad`) beat XLA:CPU's backward-filter
+    conv (3x3, one core of the AVX-512 Xeon, XLA -> MKL GFLOP/s): batch 32: 28x28 32->32 37 -> 104, 14x14
+    64->64 74 -> 123; batch 8: 32x32 128->128 31 -> 137, 16x16 256->256 88 -> 139, 128->256 98 -> 133, 8x8
+    256->256 115 -> 132. Not at 4x4 (256->256 111 -> 106) nor for 16 channels (28x28 16->16 56 -> 52). So: at
+    least 32 input and output channels and 8x8 outputs."""
     kh, kw, c, o = w_shape
-    return kh * kw > 1 and min(c, o) >= 32 and out_spatial[0] * out_spatial[1] >= 196
+    return kh * kw > 1 and min(c, o) >= 32 and out_spatial[0] * out_spatial[1] >= 64
 
 
 def blas_conv_pays(w_shape) -> bool:

@@ -123,46 +123,6 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
-// Kernel gradient of a stride-1 "SAME" k x k convolution (k odd), NHWC / HWIO:
-//   dw[i, j] = sum over (b, h, w) of x_pad[b, h + i, w + j, :]^T g[b, h, w, :].
-// With the zero-padded input laid out as rows of a [B Hp Wp, C] matrix (Hp = H + 2p, Wp = W + 2p) and g
-// written into the same row grid (zeros outside the H x W corner), tap (i, j) is ONE product:
-// x_pad rows shifted by i Wp + j, transposed, times that g: [C, B Hp Wp] x [B Hp Wp, O]. The shifted rows
-// that fall on padding meet zero rows of g, so the sum is exact.
-ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                          ffi::ResultBuffer<ffi::F32> dw) {
-  if (g_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "gen_jax cpu_blas: no sgemm set");
-  auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4)
-    return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: NHWC input/gradient and HWIO kernel expected");
-  const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], O = gd[3], k = wd[0];
-  if (wd[1] != k || k % 2 != 1 || wd[2] != C || wd[3] != O || gd[0] != B || gd[1] != H || gd[2] != W)
-    return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: shapes do not match a stride-1 SAME odd-k conv");
-  const int64_t p = k / 2, Hp = H + 2 * p, Wp = W + 2 * p, rows = B * Hp * Wp;
-  float* out = dw->typed_data();
-  if (B * H * W == 0) {
-    std::fill(out, out + k * k * C * O, 0.f);
-    return ffi::Error::Success();
-  }
-  // x_pad gets 2p extra zero rows so that the last tap's shifted view stays inside the buffer
-  std::vector<float> xpad((rows + 2 * p * Wp + 2 * p) * C, 0.f), gpad(rows * O, 0.f);
-  const float* xp = x.typed_data();
-  const float* gp = g.typed_data();
-  ParallelFor(pool, B * H, [&](int64_t bh) {
-    const int64_t b = bh / H, h = bh % H, row = (b * Hp + h + p) * Wp + p;
-    std::memcpy(xpad.data() + row * C, xp + bh * W * C, sizeof(float) * W * C);
-    std::memcpy(gpad.data() + ((b * Hp + h) * Wp) * O, gp + bh * W * O, sizeof(float) * W * O);
-  });
-  // g sits at the top-left of each Hp x Wp cell, x_pad shifted by (i, j) from the same row: output (h, w) of
-  // image b reads x_pad[b, h + i, w + j]
-  ParallelFor(pool, k * k, [&](int64_t t) {
-    const int64_t i = t / k, j = t % k;
-    g_sgemm(kRowMajor, kTrans, kNoTrans, (int)C, (int)O, (int)rows, 1.f, xpad.data() + (i * Wp + j) * C, (int)C,
-            gpad.data(), (int)O, 0.f, out + t * C * O, (int)O);
-  });
-  return ffi::Error::Success();
-}
-
 // ---- attention softmax: y = softmax(where(mask, scale * x, -1e30)) over the last axis, and its gradient ----
 // x, y [B, N, T, S]; mask [Bm, Tm, S] with Bm in {1, B}, Tm in {1, T}, broadcast over heads N. -1e30 (finite)
 // keeps a fully masked row uniform rather than NaN, as the JAX formula it replaces. Each row is a few KB, so
@@ -599,6 +559,59 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// Kernel gradient of a stride-1 "SAME" k x k convolution (k odd), NHWC x / g, HWIO dw, through im2col: dw [k k C, O] = sum over row tiles of patches^T g,
+// each contiguous range of output rows accumulated by one worker (its own [k k C, O] sum), the ranges' sums
+// added in order at the end.
+ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                                ffi::ResultBuffer<ffi::F32> dw) {
+  if (g_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "gen_jax cpu_blas: no sgemm set");
+  auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: NHWC input/gradient and HWIO kernel expected");
+  const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], O = gd[3], k = wd[0];
+  if (wd[1] != k || k % 2 != 1 || wd[2] != C || wd[3] != O || gd[0] != B || gd[1] != H || gd[2] != W)
+    return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: shapes do not match a stride-1 SAME odd-k conv");
+  const int64_t p = k / 2, K = k * k * C, rows = B * H * W;
+  float* out = dw->typed_data();
+  std::fill(out, out + K * O, 0.f);
+  if (rows == 0) return ffi::Error::Success();
+  const int64_t tile = std::min<int64_t>(std::max<int64_t>(16, ((int64_t{1} << 18) / K) / 16 * 16), 1024);
+  const int64_t workers = std::min<int64_t>(pool.num_threads() + 1, (rows + tile - 1) / tile);
+  const int64_t span = (rows + workers - 1) / workers;
+  std::vector<float> sums(workers > 1 ? (workers - 1) * K * O : 0);
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  ParallelFor(pool, workers, [&](int64_t wk) {
+    float* acc = wk == 0 ? out : sums.data() + (wk - 1) * K * O;
+    std::vector<float> patches(tile * K);
+    bool first = true;
+    for (int64_t r0 = wk * span, end = std::min(rows, (wk + 1) * span); r0 < end; r0 += tile) {
+      const int64_t m = std::min(tile, end - r0);
+      for (int64_t r = r0; r < r0 + m; ++r) {
+        const int64_t b = r / (H * W), h = (r / W) % H, c0 = r % W;
+        float* dst = patches.data() + (r - r0) * K;
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t hh = h + i - p;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t ww = c0 + j - p;
+            float* d = dst + (i * k + j) * C;
+            if (hh < 0 || hh >= H || ww < 0 || ww >= W)
+              std::memset(d, 0, sizeof(float) * C);
+            else
+              std::memcpy(d, xp + ((b * H + hh) * W + ww) * C, sizeof(float) * C);
+          }
+        }
+      }
+      g_sgemm(kRowMajor, kTrans, kNoTrans, (int)K, (int)O, (int)m, 1.f, patches.data(), (int)K, gp + r0 * O, (int)O,
+              first ? 0.f : 1.f, acc, (int)O);
+      first = false;
+    }
+  });
+  for (int64_t wk = 1; wk < workers; ++wk)
+    for (int64_t i = 0; i < K * O; ++i) out[i] += sums[(wk - 1) * K * O + i];
+  return ffi::Error::Success();
+}
+
 // Direct stride-1 "SAME" k x k convolution for narrow layers (O = 16 OV output channels, OV <= 4): each image is
 // copied zero-padded into a thread-local buffer; for a block of PB output pixels the PB x OV accumulator vectors
 // stay in registers while every tap and input channel adds x (broadcast) times the kernel's O-vector.
@@ -756,3 +769,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxDirectConvF32, DirectConv,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
