@@ -515,6 +515,32 @@ ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffe
   });
 }
 
+// im2col for a stride-1 "SAME" k x k convolution of NHWC x [B, H, W, C]: rows r0 .. r0+m-1 of the [B H W, k k C]
+// patch matrix (row (b, h, w) holds x[b, h+i-p, w+j-p, :] for every tap (i, j), zeros outside the image).
+void FillPatches(const float* x, int64_t H, int64_t W, int64_t C, int64_t k, int64_t r0, int64_t m, float* patches) {
+  const int64_t p = k / 2, K = k * k * C;
+  for (int64_t r = r0; r < r0 + m; ++r) {
+    const int64_t b = r / (H * W), h = (r / W) % H, w = r % W;
+    float* dst = patches + (r - r0) * K;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t hh = h + i - p;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t ww = w + j - p;
+        float* d = dst + (i * k + j) * C;
+        if (hh < 0 || hh >= H || ww < 0 || ww >= W)
+          std::memset(d, 0, sizeof(float) * C);
+        else
+          std::memcpy(d, x + ((b * H + hh) * W + ww) * C, sizeof(float) * C);
+      }
+    }
+  }
+}
+
+// Rows per patch tile: about 1 MB of patches (L2-sized), a multiple of 16, between 16 and 1024.
+int64_t PatchTileRows(int64_t K) {
+  return std::min<int64_t>(std::max<int64_t>(16, ((int64_t{1} << 18) / K) / 16 * 16), 1024);
+}
+
 // Stride-1 "SAME" k x k convolution (k odd), NHWC x [B, H, W, C], HWIO w [k, k, C, O] -> y [B, H, W, O]:
 // im2col in tiles of output rows small enough to stay in L2 (each tile's [m, k k C] patch matrix is built
 // and multiplied at once: y[tile] = patches @ w viewed as [k k C, O]), so the patch matrix never goes to memory.
@@ -528,9 +554,9 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], k = wd[0], O = wd[3];
   if (wd[1] != k || k % 2 != 1 || wd[2] != C || yd[0] != B || yd[1] != H || yd[2] != W || yd[3] != O)
     return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: shapes do not match a stride-1 SAME odd-k conv");
-  const int64_t p = k / 2, K = k * k * C, rows = B * H * W;
+  const int64_t K = k * k * C, rows = B * H * W;
   if (rows == 0 || O == 0) return ffi::Error::Success();
-  const int64_t tile = std::min<int64_t>(std::max<int64_t>(16, ((int64_t{1} << 18) / K) / 16 * 16), 1024);
+  const int64_t tile = PatchTileRows(K);
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
@@ -538,28 +564,15 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     thread_local std::vector<float> patches;
     patches.resize(tile * K);
     const int64_t r0 = t * tile, m = std::min(tile, rows - r0);
-    for (int64_t r = r0; r < r0 + m; ++r) {
-      const int64_t b = r / (H * W), h = (r / W) % H, c0 = r % W;
-      float* dst = patches.data() + (r - r0) * K;
-      for (int64_t i = 0; i < k; ++i) {
-        const int64_t hh = h + i - p;
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t ww = c0 + j - p;
-          float* d = dst + (i * k + j) * C;
-          if (hh < 0 || hh >= H || ww < 0 || ww >= W)
-            std::memset(d, 0, sizeof(float) * C);
-          else
-            std::memcpy(d, xp + ((b * H + hh) * W + ww) * C, sizeof(float) * C);
-        }
-      }
-    }
+    FillPatches(xp, H, W, C, k, r0, m, patches.data());
     g_sgemm(kRowMajor, kNoTrans, kNoTrans, (int)m, (int)O, (int)K, 1.f, patches.data(), (int)K, wp, (int)O, 0.f,
             yp + r0 * O, (int)O);
   });
   return ffi::Error::Success();
 }
 
-// Kernel gradient of a stride-1 "SAME" k x k convolution (k odd), NHWC x / g, HWIO dw, through im2col: dw [k k C, O] = sum over row tiles of patches^T g,
+// Kernel gradient of a stride-1 "SAME" k x k convolution (k odd), NHWC x / g, HWIO dw, through im2col:
+// dw [k k C, O] = sum over row tiles of patches^T g,
 // each contiguous range of output rows accumulated by one worker (its own [k k C, O] sum), the ranges' sums
 // added in order at the end.
 ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
@@ -571,11 +584,11 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], O = gd[3], k = wd[0];
   if (wd[1] != k || k % 2 != 1 || wd[2] != C || wd[3] != O || gd[0] != B || gd[1] != H || gd[2] != W)
     return ffi::Error::InvalidArgument("gen_jax cpu_blas conv: shapes do not match a stride-1 SAME odd-k conv");
-  const int64_t p = k / 2, K = k * k * C, rows = B * H * W;
+  const int64_t K = k * k * C, rows = B * H * W;
   float* out = dw->typed_data();
   std::fill(out, out + K * O, 0.f);
   if (rows == 0) return ffi::Error::Success();
-  const int64_t tile = std::min<int64_t>(std::max<int64_t>(16, ((int64_t{1} << 18) / K) / 16 * 16), 1024);
+  const int64_t tile = PatchTileRows(K);
   const int64_t workers = std::min<int64_t>(pool.num_threads() + 1, (rows + tile - 1) / tile);
   const int64_t span = (rows + workers - 1) / workers;
   std::vector<float> sums(workers > 1 ? (workers - 1) * K * O : 0);
@@ -587,21 +600,7 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     bool first = true;
     for (int64_t r0 = wk * span, end = std::min(rows, (wk + 1) * span); r0 < end; r0 += tile) {
       const int64_t m = std::min(tile, end - r0);
-      for (int64_t r = r0; r < r0 + m; ++r) {
-        const int64_t b = r / (H * W), h = (r / W) % H, c0 = r % W;
-        float* dst = patches.data() + (r - r0) * K;
-        for (int64_t i = 0; i < k; ++i) {
-          const int64_t hh = h + i - p;
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t ww = c0 + j - p;
-            float* d = dst + (i * k + j) * C;
-            if (hh < 0 || hh >= H || ww < 0 || ww >= W)
-              std::memset(d, 0, sizeof(float) * C);
-            else
-              std::memcpy(d, xp + ((b * H + hh) * W + ww) * C, sizeof(float) * C);
-          }
-        }
-      }
+      FillPatches(xp, H, W, C, k, r0, m, patches.data());
       g_sgemm(kRowMajor, kTrans, kNoTrans, (int)K, (int)O, (int)m, 1.f, patches.data(), (int)K, gp + r0 * O, (int)O,
               first ? 0.f : 1.f, acc, (int)O);
       first = false;
