@@ -3,6 +3,7 @@ Every result is checked against float64 NumPy or XLA's own product/convolution, 
 order, vmapped, broadcast). The test session has 8 fake devices, where the custom calls are off by default
 (no sharding rule), so these tests turn them on with GEN_JAX_CPU_BLAS=force; a subprocess checks the default
 on a single device."""
+import functools
 import os
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def forced(monkeypatch):
 def _custom_call_targets(f, *args):
     text = jax.jit(f).lower(*args).as_text()
     targets = (cpu_blas._GEMM, cpu_blas._CONV_KGRAD, cpu_blas._CONV_FWD, cpu_blas._DIRECT_CONV, cpu_blas._SOFTMAX, cpu_blas._SOFTMAX_GRAD, cpu_blas._LAYER_NORM,
-               cpu_blas._LAYER_NORM_GRAD, cpu_blas._GROUP_NORM, cpu_blas._GROUP_NORM_GRAD)
+               cpu_blas._LAYER_NORM_GRAD, cpu_blas._GROUP_NORM, cpu_blas._GROUP_NORM_GRAD, cpu_blas._FLIP_TRANSPOSE, cpu_blas._ADAM,
+               cpu_blas._ADAM_EMA)
     return {t for t in targets if t in text}
 
 
@@ -452,3 +454,86 @@ def test_wide_and_narrow_convolutions_route_through_the_custom_calls():
                                                                   precision="highest") ** 2), (0, 1))(wide_x, wide_w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 256, 256), (5, 5, 7, 33), (1, 1, 3, 2), (3, 3, 40, 0)])
+def test_flipped_transposed_kernel_is_the_flip_and_swap_and_its_own_transpose(shape):
+    w, ct = _rand(70, shape), _rand(71, shape[:2] + (shape[3], shape[2]))
+    assert _custom_call_targets(cpu_blas.flipped_transposed_kernel, w) == {cpu_blas._FLIP_TRANSPOSE}
+    np.testing.assert_array_equal(cpu_blas.flipped_transposed_kernel(w), np.asarray(w)[::-1, ::-1].transpose(0, 1, 3, 2))
+    (got,) = jax.vjp(cpu_blas.flipped_transposed_kernel, w)[1](ct)
+    np.testing.assert_array_equal(got, np.asarray(ct)[::-1, ::-1].transpose(0, 1, 3, 2))
+    with pytest.raises(ValueError, match="HWIO"):
+        cpu_blas.flipped_transposed_kernel(w[0])
+
+
+@pytest.mark.parametrize("shape,strides,padding", [((2, 5, 7, 12), (1, 1), "SAME"), ((1, 3, 3, 5), (1, 1), "VALID")])
+def test_one_by_one_convolutions_are_one_blas_product_with_the_gradients_of_lax(shape, strides, padding):
+    x, w, c = _rand(72, shape), _rand(73, (1, 1, shape[3], 9)), _rand(74, shape[:3] + (9,))
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.tanh(conv(x, w, strides, padding, dimension_numbers=_NHWC)) * c)
+    targets = _custom_call_targets(jax.grad(lambda x, w: loss(conv_general_dilated, x, w), (0, 1)), x, w)
+    assert targets == {cpu_blas._GEMM}
+    got = jax.grad(lambda x, w: loss(conv_general_dilated, x, w), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: loss(functools.partial(lax.conv_general_dilated, precision="highest"), x, w),
+                    (0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * float(jnp.abs(r).max()))
+
+
+def _mlp_loss(params, batch, rng):
+    h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+    return jnp.mean((h @ params["w2"] - batch["y"]) ** 2) * batch["scale"], {}
+
+
+@pytest.mark.parametrize("opt_kw", [{"grad_clip_norm": 0.05}, {"grad_clip_norm": 100.0}, {},
+                                    {"warmup_steps": 3, "grad_clip_norm": 1.0}])
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_fused_adam_step_is_optax_adam_with_clipping_schedule_ema_and_the_non_finite_skip(opt_kw, ema_decay):
+    """make_update_fn runs make_optimizer's Adam as one `adam_step` call per tensor; the same optimizer stripped
+    of its tag runs through optax. Six steps (the fourth with a NaN loss, which must change nothing but the step
+    counter) end in the same state to float32 rounding, and in the same counters exactly."""
+    import optax
+
+    from gen_jax.train.state import TrainState
+    from gen_jax.train.step import make_optimizer, make_update_fn
+    rng = np.random.default_rng(0)
+    params = {"w1": _rand(75, (5, 7)), "b1": jnp.zeros(7), "w2": _rand(76, (7, 3))}
+    opt = make_optimizer(1e-2, **opt_kw)
+    plain = optax.GradientTransformation(opt.init, opt.update)
+    fused_fn = jax.jit(make_update_fn(_mlp_loss, opt, ema_decay=ema_decay))
+    optax_fn = jax.jit(make_update_fn(_mlp_loss, plain, ema_decay=ema_decay))
+    fused = optax_ = TrainState.create(params, opt, jax.random.key(0), use_ema=ema_decay is not None)
+    batch = {"x": _rand(77, (4, 5)), "y": _rand(78, (4, 3)), "scale": jnp.float32(1.0)}
+    want_targets = {cpu_blas._ADAM_EMA if ema_decay else cpu_blas._ADAM}
+    assert _custom_call_targets(fused_fn, fused, batch) & {cpu_blas._ADAM, cpu_blas._ADAM_EMA} == want_targets
+    assert not _custom_call_targets(optax_fn, fused, batch) & {cpu_blas._ADAM, cpu_blas._ADAM_EMA}
+    finites = []
+    for i in range(6):
+        batch = {"x": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+                 "y": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "scale": jnp.float32(np.nan if i == 3 else 1)}
+        before = fused
+        fused, m_fused = fused_fn(fused, batch)
+        optax_, m_optax = optax_fn(optax_, batch)
+        finites.append(float(m_fused["finite"]))
+        assert float(m_fused["finite"]) == float(m_optax["finite"])
+        if i == 3:
+            for a, b in zip(jax.tree.leaves(fused.replace(step=before.step, rng=None)),
+                            jax.tree.leaves(before.replace(rng=None))):
+                np.testing.assert_array_equal(a, b)
+    assert finites == [1, 1, 1, 0, 1, 1]
+    for a, b in zip(jax.tree.leaves(fused.replace(rng=None)), jax.tree.leaves(optax_.replace(rng=None))):
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            np.testing.assert_array_equal(a, b)
+        elif jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(fused.params["w1"] - params["w1"]).max()) > 1e-3  # it did train
+
+
+def test_adam_step_refuses_mismatched_operands():
+    x = jnp.ones((3, 4))
+    with pytest.raises(ValueError, match="one shape"):
+        cpu_blas.adam_step(x, jnp.ones((4, 3)), x, x, jnp.ones(7), b1=0.9, b2=0.999, eps=1e-8)
+    with pytest.raises(ValueError, match="ema_decay"):
+        cpu_blas.adam_step(x, x, x, x, jnp.ones(7), b1=0.9, b2=0.999, eps=1e-8, ema=x)

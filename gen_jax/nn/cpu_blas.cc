@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -571,6 +572,121 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// out [k, k, O, C] = w [k, k, C, O] flipped in both spatial axes with C and O swapped: the kernel whose
+// SAME convolution of the output gradient is the input gradient. In 32 x 32 blocks, because XLA:CPU's
+// transpose of a 256 x 256 plane (1 KB row stride, cache-set conflicts) ran at ~0.3 GB/s.
+ffi::Error FlipTransposeKernel(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  auto wd = w.dimensions(), od = out->dimensions();
+  if (wd.size() != 4 || od.size() != 4 || od[0] != wd[0] || od[1] != wd[1] || od[2] != wd[3] || od[3] != wd[2])
+    return ffi::Error::InvalidArgument("gen_jax cpu_blas flip_transpose: [kh, kw, C, O] -> [kh, kw, O, C] expected");
+  const int64_t kh = wd[0], kw = wd[1], C = wd[2], O = wd[3];
+  const float* wp = w.typed_data();
+  float* op = out->typed_data();
+  constexpr int64_t kBlock = 32;
+  const int64_t taps = kh * kw;
+  ParallelFor(pool, taps, [=](int64_t t) {
+    const int64_t i = t / kw, j = t % kw;
+    const float* src = wp + ((kh - 1 - i) * kw + (kw - 1 - j)) * C * O;  // [C, O]
+    float* dst = op + t * O * C;                                        // [O, C]
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock)
+      for (int64_t o0 = 0; o0 < O; o0 += kBlock) {
+        const int64_t c1 = std::min(C, c0 + kBlock), o1 = std::min(O, o0 + kBlock);
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t c = c0; c < c1; ++c) dst[o * C + c] = src[c * O + o];
+      }
+  });
+  return ffi::Error::Success();
+}
+
+// One Adam step of one parameter tensor, in place (the results alias p, m, v and the EMA): optax's
+// clip_by_global_norm, scale_by_adam, scale_by_learning_rate and apply_updates (and the trainer's EMA), in
+// optax's order of operations, in one pass over memory instead of XLA's several fusions and the copies
+// its keep-the-old-state-on-a-non-finite-step select forced. scalars = [clip trigger (1: g_norm < max_norm),
+// g_norm, max_norm, 1 - b1^t, 1 - b2^t, -learning rate, finite]. A non-finite step leaves everything as it was.
+// No FMA contraction, so each product and sum rounds like XLA's separate operations.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void AdamChunk(const float* __restrict p, const float* __restrict g, const float* __restrict m,
+               const float* __restrict v, int64_t n, float* po, float* mo, float* vo, float g_scale,
+               float max_norm, bool trigger, float b1, float one_minus_b1, float b2, float one_minus_b2, float bc1,
+               float bc2, float step, float eps, float eps_root) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = trigger ? g[i] : (g[i] / g_scale) * max_norm;
+    const float mi = one_minus_b1 * gi + b1 * m[i];
+    const float vi = one_minus_b2 * (gi * gi) + b2 * v[i];
+    const float u = (mi / bc1) / (__builtin_sqrtf(vi / bc2 + eps_root) + eps);
+    po[i] = p[i] + u * step;
+    mo[i] = mi;
+    vo[i] = vi;
+  }
+}
+
+void EmaChunk(const float* __restrict p, const float* e, int64_t n, float* eo, float decay, float one_minus_decay) {
+  for (int64_t i = 0; i < n; ++i) eo[i] = decay * e[i] + one_minus_decay * p[i];
+}
+
+ffi::Error AdamStepImpl(ffi::ThreadPool& pool, const float* p, const float* g, const float* m, const float* v,
+                        const float* e, const float* sc, int64_t n, float* po, float* mo, float* vo, float* eo,
+                        float b1, float one_minus_b1, float b2, float one_minus_b2, float eps, float eps_root,
+                        float ema_decay, float one_minus_ema_decay) {
+  const bool trigger = sc[0] != 0.f, finite = sc[6] != 0.f;
+  const float g_norm = sc[1], max_norm = sc[2], bc1 = sc[3], bc2 = sc[4], step = sc[5];
+  if (!finite) {  // keep the last good state (copy only where XLA did not alias the buffers)
+    if (po != p) std::memcpy(po, p, sizeof(float) * n);
+    if (mo != m) std::memcpy(mo, m, sizeof(float) * n);
+    if (vo != v) std::memcpy(vo, v, sizeof(float) * n);
+    if (e != nullptr && eo != e) std::memcpy(eo, e, sizeof(float) * n);
+    return ffi::Error::Success();
+  }
+  constexpr int64_t kChunk = 1 << 14;  // 64 KB per stream: the EMA pass rereads the new parameters from L2
+  ParallelFor(pool, (n + kChunk - 1) / kChunk, [=](int64_t c) {
+    const int64_t i0 = c * kChunk, len = std::min(n, i0 + kChunk) - i0;
+    AdamChunk(p + i0, g + i0, m + i0, v + i0, len, po + i0, mo + i0, vo + i0, g_norm, max_norm, trigger, b1,
+              one_minus_b1, b2, one_minus_b2, bc1, bc2, step, eps, eps_root);
+    if (e != nullptr) EmaChunk(po + i0, e + i0, len, eo + i0, ema_decay, one_minus_ema_decay);
+  });
+  return ffi::Error::Success();
+}
+#pragma GCC pop_options
+
+ffi::Error CheckAdam(std::initializer_list<int64_t> sizes, int64_t scalars) {
+  const int64_t n = *sizes.begin();
+  for (int64_t s : sizes)
+    if (s != n) return ffi::Error::InvalidArgument("gen_jax cpu adam_step: parameter, gradient and state sizes differ");
+  if (scalars != 7) return ffi::Error::InvalidArgument("gen_jax cpu adam_step: 7 scalars expected");
+  return ffi::Error::Success();
+}
+
+ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> sc, ffi::ResultBuffer<ffi::F32> po,
+                    ffi::ResultBuffer<ffi::F32> mo, ffi::ResultBuffer<ffi::F32> vo, float b1, float one_minus_b1,
+                    float b2, float one_minus_b2, float eps, float eps_root) {
+  auto err = CheckAdam({(int64_t)p.element_count(), (int64_t)g.element_count(), (int64_t)m.element_count(),
+                        (int64_t)v.element_count(), (int64_t)po->element_count(), (int64_t)mo->element_count(),
+                        (int64_t)vo->element_count()}, (int64_t)sc.element_count());
+  if (!err.success()) return err;
+  return AdamStepImpl(pool, p.typed_data(), g.typed_data(), m.typed_data(), v.typed_data(), nullptr,
+                      sc.typed_data(), (int64_t)p.element_count(), po->typed_data(), mo->typed_data(),
+                      vo->typed_data(), nullptr, b1, one_minus_b1, b2, one_minus_b2, eps, eps_root, 0.f, 0.f);
+}
+
+ffi::Error AdamStepEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> g,
+                       ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> e,
+                       ffi::Buffer<ffi::F32> sc, ffi::ResultBuffer<ffi::F32> po, ffi::ResultBuffer<ffi::F32> mo,
+                       ffi::ResultBuffer<ffi::F32> vo, ffi::ResultBuffer<ffi::F32> eo, float b1,
+                       float one_minus_b1, float b2, float one_minus_b2, float eps, float eps_root,
+                       float ema_decay, float one_minus_ema_decay) {
+  auto err = CheckAdam({(int64_t)p.element_count(), (int64_t)g.element_count(), (int64_t)m.element_count(),
+                        (int64_t)v.element_count(), (int64_t)e.element_count(), (int64_t)po->element_count(),
+                        (int64_t)mo->element_count(), (int64_t)vo->element_count(), (int64_t)eo->element_count()},
+                       (int64_t)sc.element_count());
+  if (!err.success()) return err;
+  return AdamStepImpl(pool, p.typed_data(), g.typed_data(), m.typed_data(), v.typed_data(), e.typed_data(),
+                      sc.typed_data(), (int64_t)p.element_count(), po->typed_data(), mo->typed_data(),
+                      vo->typed_data(), eo->typed_data(), b1, one_minus_b1, b2, one_minus_b2, eps, eps_root,
+                      ema_decay, one_minus_ema_decay);
+}
+
 // Kernel gradient of a stride-1 "SAME" k x k convolution (k odd), NHWC x / g, HWIO dw, through im2col:
 // dw [k k C, O] = sum over row tiles of patches^T g,
 // each contiguous range of output rows accumulated by one worker (its own [k k C, O] sum), the ranges' sums
@@ -769,3 +885,49 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxDirectConvF32, DirectConv,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxFlipTransposeKernelF32, FlipTransposeKernel,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxAdamStepF32, AdamStep,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("one_minus_b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("one_minus_b2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("eps_root"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GenJaxAdamStepEmaF32, AdamStepEma,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("one_minus_b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("one_minus_b2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("eps_root")
+                                  .Attr<float>("ema_decay")
+                                  .Attr<float>("one_minus_ema_decay"));

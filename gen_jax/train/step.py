@@ -7,6 +7,7 @@ needs something else (GANs alternate D and G updates) writes its own `update_fn`
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -46,7 +47,68 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, grad_clip_nor
            else optax.adam(schedule, b1=b1, b2=b2, eps=eps))
     if grad_clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
-    return opt
+    if weight_decay:
+        return opt
+    tagged = _AdamOptimizer(opt.init, opt.update)
+    tagged.adam_hyper = AdamHyper(schedule, b1, b2, eps, grad_clip_norm or None)
+    return tagged
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamHyper:
+    """What `make_optimizer` built (Adam, optionally after global-norm clipping), for the fused CPU step."""
+    learning_rate: float | Callable[[jax.Array], jax.Array]
+    b1: float
+    b2: float
+    eps: float
+    grad_clip_norm: float | None
+
+
+class _AdamOptimizer(optax.GradientTransformation):
+    """An optax transformation like any other, carrying `adam_hyper` so that `make_update_fn` can run its
+    update as one fused pass per tensor (`gen_jax.nn.cpu_blas.adam_step`) where that applies."""
+
+
+def _fused_adam_applies(optimizer: Any, params: Any, grads: Any, ema: Any) -> bool:
+    from gen_jax.nn import cpu_blas
+    if getattr(optimizer, "adam_hyper", None) is None:
+        return False
+    leaves = jax.tree.leaves((params, grads, ema))
+    return bool(leaves) and all(x.dtype == jnp.float32 for x in leaves) and cpu_blas.enabled(*leaves)
+
+
+def _fused_adam_update(hyper: AdamHyper, state: TrainState, grads: Any, grad_norm: jax.Array,
+                       finite: jax.Array, ema_decay: float | None) -> TrainState:
+    """The state after one step of `make_optimizer`'s optax chain (and the EMA), as optax would compute it,
+    with each tensor's clip + Adam + apply (+ EMA) in one in-place custom call; a non-finite step keeps
+    the state (but for the step counter)."""
+    from gen_jax.nn import cpu_blas
+    if hyper.grad_clip_norm:
+        clip_state, (adam_state, lr_state) = state.opt_state
+    else:
+        adam_state, lr_state = state.opt_state
+    count = optax.safe_increment(adam_state.count)
+    if callable(hyper.learning_rate):  # optax.scale_by_schedule: the rate at the count before the step
+        step_size = -hyper.learning_rate(lr_state.count)
+        lr_state = lr_state._replace(count=jnp.where(finite, optax.safe_increment(lr_state.count), lr_state.count))
+    else:
+        step_size = -hyper.learning_rate
+    max_norm = hyper.grad_clip_norm if hyper.grad_clip_norm else jnp.inf
+    trigger = grad_norm < max_norm if hyper.grad_clip_norm else jnp.asarray(True)
+    scalars = jnp.stack([jnp.asarray(v, jnp.float32) for v in (
+        trigger, grad_norm, max_norm, 1 - hyper.b1 ** count, 1 - hyper.b2 ** count, step_size, finite)])
+    treedef = jax.tree.structure(state.params)
+    use_ema = state.ema_params is not None and ema_decay is not None
+    columns = [treedef.flatten_up_to(t) for t in (state.params, grads, adam_state.mu, adam_state.nu)]
+    emas = treedef.flatten_up_to(state.ema_params) if use_ema else [None] * len(columns[0])
+    results = [cpu_blas.adam_step(p, g, m, v, scalars, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps, ema=e,
+                                  ema_decay=ema_decay if use_ema else None)
+               for p, g, m, v, e in zip(*columns, emas)]
+    params, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
+    adam_state = adam_state._replace(count=jnp.where(finite, count, adam_state.count), mu=mu, nu=nu)
+    opt_state = (clip_state, (adam_state, lr_state)) if hyper.grad_clip_norm else (adam_state, lr_state)
+    ema = treedef.unflatten([r[3] for r in results]) if use_ema else state.ema_params
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def _split_microbatches(batch: Any, n: int) -> Any:
@@ -98,6 +160,11 @@ def make_update_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
             loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, metrics, grads))
         grad_norm = optax.tree.norm(grads)
+        if _fused_adam_applies(optimizer, state.params, grads, state.ema_params if ema_decay else None):
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            new = _fused_adam_update(optimizer.adam_hyper, state, grads, grad_norm, finite, ema_decay)
+            metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+            return new, metrics
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
