@@ -88,6 +88,7 @@ def _fused_adam_update(hyper: AdamHyper, state: TrainState, grads: Any, grad_nor
     else:
         adam_state, lr_state = state.opt_state
     count = optax.safe_increment(adam_state.count)
+    step_size: jax.Array | float
     if callable(hyper.learning_rate):  # optax.scale_by_schedule: the rate at the count before the step
         step_size = -hyper.learning_rate(lr_state.count)
         lr_state = lr_state._replace(count=jnp.where(finite, optax.safe_increment(lr_state.count), lr_state.count))
@@ -99,15 +100,17 @@ def _fused_adam_update(hyper: AdamHyper, state: TrainState, grads: Any, grad_nor
         trigger, grad_norm, max_norm, 1 - hyper.b1 ** count, 1 - hyper.b2 ** count, step_size, finite)])
     treedef = jax.tree.structure(state.params)
     use_ema = state.ema_params is not None and ema_decay is not None
-    columns = [treedef.flatten_up_to(t) for t in (state.params, grads, adam_state.mu, adam_state.nu)]
-    emas = treedef.flatten_up_to(state.ema_params) if use_ema else [None] * len(columns[0])
+    columns = [jax.tree.leaves(t) for t in (state.params, grads, adam_state.mu, adam_state.nu)]
+    emas = jax.tree.leaves(state.ema_params) if use_ema else [None] * len(columns[0])
+    if len({len(c) for c in (*columns, emas)}) != 1:
+        raise ValueError("fused Adam: params, gradients, moments and EMA differ in structure")
     results = [cpu_blas.adam_step(p, g, m, v, scalars, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps, ema=e,
                                   ema_decay=ema_decay if use_ema else None)
                for p, g, m, v, e in zip(*columns, emas)]
-    params, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
+    params, mu, nu = (jax.tree.unflatten(treedef, [r[i] for r in results]) for i in range(3))
     adam_state = adam_state._replace(count=jnp.where(finite, count, adam_state.count), mu=mu, nu=nu)
     opt_state = (clip_state, (adam_state, lr_state)) if hyper.grad_clip_norm else (adam_state, lr_state)
-    ema = treedef.unflatten([r[3] for r in results]) if use_ema else state.ema_params
+    ema = jax.tree.unflatten(treedef, [r[3] for r in results]) if use_ema else state.ema_params
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
@@ -133,6 +136,9 @@ def make_update_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       `lax.scan` (memory of one micro-batch, result of the whole batch).
     - A step whose loss or gradients are not finite changes nothing: the state stays the last good one and
       `metrics["finite"]` is 0, which the loop turns into a `NonFiniteLossError`.
+    - With `make_optimizer`'s Adam (no weight decay) on one CPU device in float32, each tensor's clip + Adam +
+      apply (+ EMA) is one in-place pass (`gen_jax.nn.cpu_blas.adam_step`; the same state as optax's to float32
+      rounding: CIFAR-10 U-Net, 35.7M parameters, optimizer 204-274 -> 50 ms); elsewhere it is optax's.
     """
     dtype = resolve_dtype(compute_dtype)
 
