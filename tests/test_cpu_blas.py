@@ -42,7 +42,7 @@ def _rand(key, shape):
 
 
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 3), (300, 129, 517), (64, 0, 8)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 3), (300, 129, 517), (64, 0, 8), (64, 2048, 16)])
 def test_matmul_equals_float64_numpy_for_every_transpose(m, k, n, trans_a, trans_b):
     a = _rand(0, (k, m) if trans_a else (m, k))
     b = _rand(1, (n, k) if trans_b else (k, n))

@@ -216,6 +216,10 @@ def enabled(*arrays) -> bool:
 def _gemm_call(a, b, trans_a: bool, trans_b: bool):
     m = a.shape[-1] if trans_a else a.shape[-2]
     n = b.shape[-2] if trans_b else b.shape[-1]
+    if trans_a and not trans_b and m >= 2 * n and a.shape[-2] >= 2048:
+        # a^T b with a tall result (a weight gradient, e.g. RoFormer's FFN output layer): MKL ran it 20-28%
+        # slower than the transposed product (b^T a)^T (K 16384, 1536 x 384: 215 -> 168 ms; one core)
+        return jnp.swapaxes(_gemm_call(b, a, True, False), -1, -2)
     batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     call = jax.ffi.ffi_call(_GEMM, jax.ShapeDtypeStruct(batch + (m, n), jnp.float32), vmap_method="expand_dims")
     return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
