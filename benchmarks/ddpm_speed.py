@@ -404,8 +404,9 @@ def format_report(res: dict) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"Settings: float32 on both sides; train: median of {s['repeats']} interleaved rounds (one step of each "
              f"side per round) after {s['warmup']} warm-up rounds; sampling: median of {s.get('sample_repeats', 1)} "
-             f"interleaved runs; "
-             f"Adam + clip {s['grad_clip']}{' + EMA' if s['ema'] else ''}; dropout as in the preset",
+             f"interleaved runs"
+             + (f"; Adam + clip {s['grad_clip']}{' + EMA' if s['ema'] else ''}; dropout as in the preset"
+                if "grad_clip" in s else " (no train steps timed)"),
              f"denoising-diffusion-pytorch: {res['lucidrains_import']}"]
     load = (m["load_avg_1_5_15"] or (0.0,))[0]
     if load > m["usable_cores"] and m["torch_threads"] > 1:
@@ -581,10 +582,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("--repeats and --sample-repeats must be >= 1")
 
     res = run(args)
-    print(format_report(res))
-    if args.json:
+    if args.json:  # first, so that the measurements survive any problem of the report
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)
+    print(format_report(res))
     return res
 
 

@@ -98,6 +98,13 @@ def test_smallest_run_writes_a_table_and_json(tmp_path, capsys):
     assert res["machine"]["usable_cores"] >= 1
 
 
+def test_sampling_only_run_reports_without_train_settings(tmp_path, capsys):
+    out = tmp_path / "sampling.json"
+    ddpm_speed.main(["--no-train", "--no-roofline", "--sample-config", "tiny", "--tiny", "--json", str(out), "--quiet"])
+    assert "no train steps timed" in capsys.readouterr().out
+    assert [s["method"] for s in json.loads(out.read_text())["sampling"]] == ["ancestral", "ddim"]
+
+
 def test_reports_record_the_environment_that_changes_speed(monkeypatch):
     # machine_info() asks JAX for its devices: start the backend under the session's XLA_FLAGS first, or, first in
     # a worker, it would start under the patched flags below (1 device, YNNPACK fusions off) for every later test
