@@ -607,11 +607,11 @@ ffi::Error FlipTransposeKernel(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ff
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 void AdamChunk(const float* __restrict p, const float* __restrict g, const float* __restrict m,
-               const float* __restrict v, int64_t n, float* po, float* mo, float* vo, float g_scale,
+               const float* __restrict v, int64_t n, float* po, float* mo, float* vo, float g_norm,
                float max_norm, bool trigger, float b1, float one_minus_b1, float b2, float one_minus_b2, float bc1,
                float bc2, float step, float eps, float eps_root) {
   for (int64_t i = 0; i < n; ++i) {
-    const float gi = trigger ? g[i] : (g[i] / g_scale) * max_norm;
+    const float gi = trigger ? g[i] : (g[i] / g_norm) * max_norm;
     const float mi = one_minus_b1 * gi + b1 * m[i];
     const float vi = one_minus_b2 * (gi * gi) + b2 * v[i];
     const float u = (mi / bc1) / (__builtin_sqrtf(vi / bc2 + eps_root) + eps);

@@ -341,10 +341,6 @@ def flipped_transposed_kernel(w: jax.Array) -> jax.Array:
     return _flip_transpose_call(w)
 
 
-def _flipped_transposed(w):
-    return flipped_transposed_kernel(w)
-
-
 def direct_conv_fits(c: int, o: int) -> bool:
     """Layers the direct (register-blocked, no BLAS) kernel takes: at most 16 input channels and 16, 32, 48 or 64
     outputs, where XLA:CPU's convolution is slowest (B64 28x28, one core: 16->16 50 -> 91 GFLOP/s, 1->16 6 -> 43);
@@ -365,7 +361,7 @@ def _conv_same_fwd(x, w):
 
 def _conv_same_bwd(res, g):
     x, w = res
-    return _conv_same_call(g, _flipped_transposed(w)), conv_kernel_grad(x, g, w.shape[0])
+    return _conv_same_call(g, flipped_transposed_kernel(w)), conv_kernel_grad(x, g, w.shape[0])
 
 
 _conv_same_call.defvjp(_conv_same_fwd, _conv_same_bwd)

@@ -94,8 +94,8 @@ def _fused_adam_update(hyper: AdamHyper, state: TrainState, grads: Any, grad_nor
         lr_state = lr_state._replace(count=jnp.where(finite, optax.safe_increment(lr_state.count), lr_state.count))
     else:
         step_size = -hyper.learning_rate
-    max_norm = hyper.grad_clip_norm if hyper.grad_clip_norm else jnp.inf
-    trigger = grad_norm < max_norm if hyper.grad_clip_norm else jnp.asarray(True)
+    max_norm = hyper.grad_clip_norm or jnp.inf
+    trigger = grad_norm < max_norm  # optax's clip_by_global_norm: no scaling below the bound
     scalars = jnp.stack([jnp.asarray(v, jnp.float32) for v in (
         trigger, grad_norm, max_norm, 1 - hyper.b1 ** count, 1 - hyper.b2 ** count, step_size, finite)])
     treedef = jax.tree.structure(state.params)
@@ -166,20 +166,18 @@ def make_update_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
             loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, metrics, grads))
         grad_norm = optax.tree.norm(grads)
-        if _fused_adam_applies(optimizer, state.params, grads, state.ema_params if ema_decay else None):
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            new = _fused_adam_update(optimizer.adam_hyper, state, grads, grad_norm, finite, ema_decay)
-            metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
-            return new, metrics
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None and ema_decay is not None:
-            ema = ema_update(ema, params, ema_decay)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        # Keep the last good state on a bad step (the step counter still advances to report where).
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
+        if _fused_adam_applies(optimizer, state.params, grads, state.ema_params if ema_decay else None):
+            new = _fused_adam_update(optimizer.adam_hyper, state, grads, grad_norm, finite, ema_decay)
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = state.ema_params
+            if ema is not None and ema_decay is not None:
+                ema = ema_update(ema, params, ema_decay)
+            new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+            # Keep the last good state on a bad step (the step counter still advances to report where).
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
         return new, metrics
 
